@@ -1,0 +1,54 @@
+//! Command-line definitions (clap) and the glue from each subcommand to the library.
+
+mod simulate;
+mod validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use simulate::SimulateArgs;
+pub use validate::{SpecArgs, ValidateArgs};
+
+/// fraudstream: streaming credit-card fraud detection with an attention-LSTM.
+#[derive(Debug, Parser)]
+#[command(name = "fraudstream", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a seeded synthetic card-transaction stream with fraud (CSV or JSONL).
+    Simulate(SimulateArgs),
+    /// Check a CSV/JSONL file against a feature spec and report the first bad rows.
+    Validate(ValidateArgs),
+    /// Print a feature spec (a preset or a TOML file) as TOML, to start a custom one.
+    Spec(SpecArgs),
+}
+
+/// Runs the parsed command; the exit code says whether it succeeded.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Simulate(args) => simulate::run(args),
+        Command::Validate(args) => validate::run(args),
+        Command::Spec(args) => validate::print_spec(args),
+    }
+}
+
+/// A progress bar on stderr that hides itself when stderr is not a terminal.
+pub(crate) fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    let template = format!(
+        "{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}}) {{msg}}"
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}

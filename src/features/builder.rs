@@ -1,0 +1,281 @@
+//! The one path from a transaction to its window, shared by training (offline, a time-sorted
+//! file) and serving (online, one record at a time from many partitions).
+
+use std::collections::HashMap;
+
+use dashmap::DashMap;
+
+use super::featurizer::{CardHistory, Featurizer};
+use super::scaler::RobustScaler;
+use super::window::Window;
+use crate::schema::{FeatureSpec, Transaction};
+
+/// The model's default window length (transactions per card).
+pub const DEFAULT_WINDOW: usize = 30;
+
+/// Everything one card carries between its transactions.
+#[derive(Debug, Clone)]
+pub struct CardState {
+    /// State for derived features (time since previous transaction).
+    pub history: CardHistory,
+    /// The last N scaled feature vectors.
+    pub window: Window,
+}
+
+/// The window ending with one transaction, ready for the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSample {
+    /// The card.
+    pub key: String,
+    /// The transaction this window ends with.
+    pub id: Option<String>,
+    /// Its event time.
+    pub ts: f64,
+    /// Its label, when known.
+    pub label: Option<bool>,
+    /// Real transactions in the window (the rest is left padding).
+    pub len: usize,
+    /// `window_len * width` scaled features, padding first, current transaction last.
+    pub data: Vec<f32>,
+}
+
+/// What observing a transaction did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed {
+    /// The transaction entered its card's window; this is the window to score.
+    Window(WindowSample),
+    /// Its id is already in the card's window (a redelivery): state is unchanged.
+    Duplicate,
+}
+
+/// Featurizer + fitted scaler + window length: the whole transaction-to-window recipe.
+#[derive(Debug, Clone)]
+pub struct WindowBuilder {
+    featurizer: Featurizer,
+    scaler: RobustScaler,
+    window_len: usize,
+}
+
+impl WindowBuilder {
+    /// Combines a spec with its fitted scaler.
+    pub fn new(spec: FeatureSpec, scaler: RobustScaler, window_len: usize) -> Self {
+        assert_eq!(
+            spec.feature_names(),
+            scaler.names,
+            "scaler was fitted for other features"
+        );
+        WindowBuilder {
+            featurizer: Featurizer::new(spec),
+            scaler,
+            window_len,
+        }
+    }
+
+    /// Features per transaction.
+    pub fn width(&self) -> usize {
+        self.featurizer.width()
+    }
+
+    /// Transactions per window.
+    pub fn window_len(&self) -> usize {
+        self.window_len
+    }
+
+    /// The fitted scaler.
+    pub fn scaler(&self) -> &RobustScaler {
+        &self.scaler
+    }
+
+    /// A new card's empty state.
+    pub fn new_card(&self) -> CardState {
+        CardState {
+            history: CardHistory::default(),
+            window: Window::new(self.window_len, self.width()),
+        }
+    }
+
+    /// Adds `tx` to its card's state and returns the window that ends with it.
+    pub fn observe(&self, card: &mut CardState, tx: &Transaction) -> Observed {
+        if let Some(id) = &tx.id
+            && card.window.contains_id(id)
+        {
+            return Observed::Duplicate;
+        }
+        let mut raw = Vec::with_capacity(self.width());
+        self.featurizer.raw(&mut card.history, tx, &mut raw);
+        let mut scaled = vec![0f32; self.width()];
+        self.scaler.transform_into(&raw, &mut scaled);
+        card.window.push(&scaled, tx.id.as_deref(), tx.ts);
+        let mut data = vec![0f32; self.window_len * self.width()];
+        let len = card.window.write_padded(&mut data);
+        Observed::Window(WindowSample {
+            key: tx.key.clone(),
+            id: tx.id.clone(),
+            ts: tx.ts,
+            label: tx.label,
+            len,
+            data,
+        })
+    }
+
+    /// Offline: replays time-sorted transactions through per-card state and returns the windows
+    /// of those `target` selects. Unselected transactions still enter their cards' windows (they
+    /// are history), which is how periods before a split boundary feed later windows.
+    pub fn build_offline(
+        &self,
+        sorted: &[Transaction],
+        mut target: impl FnMut(&Transaction) -> bool,
+    ) -> Vec<WindowSample> {
+        let mut cards: HashMap<&str, CardState> = HashMap::new();
+        let mut out = Vec::new();
+        for tx in sorted {
+            let card = cards.entry(&tx.key).or_insert_with(|| self.new_card());
+            let observed = self.observe(card, tx);
+            if let Observed::Window(w) = observed
+                && target(tx)
+            {
+                out.push(w);
+            }
+        }
+        out
+    }
+}
+
+/// Fits the robust scaler on the raw features of the transactions `fit` selects, with every
+/// earlier transaction feeding the cards' history (so a card's first training transaction still
+/// sees its gap since the previous one). `sorted` must be in time order.
+pub fn fit_scaler(
+    spec: &FeatureSpec,
+    sorted: &[Transaction],
+    mut fit: impl FnMut(&Transaction) -> bool,
+) -> RobustScaler {
+    let featurizer = Featurizer::new(spec.clone());
+    let mut histories: HashMap<&str, CardHistory> = HashMap::new();
+    let mut columns = vec![Vec::new(); featurizer.width()];
+    let mut raw = Vec::new();
+    for tx in sorted {
+        let history = histories.entry(&tx.key).or_default();
+        featurizer.raw(history, tx, &mut raw);
+        if fit(tx) {
+            for (col, x) in columns.iter_mut().zip(&raw) {
+                col.push(*x);
+            }
+        }
+    }
+    RobustScaler::fit(spec.feature_names(), columns)
+}
+
+/// Online: every live card's state, shared by the consumer tasks.
+///
+/// Each call locks only its own card's shard entry, and never across an await.
+#[derive(Debug)]
+pub struct CardStore {
+    builder: WindowBuilder,
+    cards: DashMap<String, CardState>,
+}
+
+impl CardStore {
+    /// An empty store.
+    pub fn new(builder: WindowBuilder) -> Self {
+        CardStore {
+            builder,
+            cards: DashMap::new(),
+        }
+    }
+
+    /// The builder the store applies.
+    pub fn builder(&self) -> &WindowBuilder {
+        &self.builder
+    }
+
+    /// Adds one transaction to its card and returns the window to score.
+    pub fn observe(&self, tx: &Transaction) -> Observed {
+        let mut card = self
+            .cards
+            .entry(tx.key.clone())
+            .or_insert_with(|| self.builder.new_card());
+        self.builder.observe(&mut card, tx)
+    }
+
+    /// Live cards.
+    pub fn len(&self) -> usize {
+        self.cards.len()
+    }
+
+    /// Whether no card is held.
+    pub fn is_empty(&self) -> bool {
+        self.cards.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx(card: &str, id: &str, ts: f64, amount: f64) -> Transaction {
+        Transaction {
+            key: card.into(),
+            ts,
+            id: Some(id.into()),
+            label: Some(false),
+            numeric: vec![amount],
+            context: vec![],
+        }
+    }
+
+    fn builder(len: usize) -> WindowBuilder {
+        let spec = FeatureSpec::cards();
+        WindowBuilder::new(
+            spec.clone(),
+            RobustScaler::identity(spec.feature_names()),
+            len,
+        )
+    }
+
+    #[test]
+    fn redelivered_transaction_does_not_enter_twice() {
+        let store = CardStore::new(builder(4));
+        let t = tx("c1", "t1", 10.0, 5.0);
+        assert!(matches!(store.observe(&t), Observed::Window(w) if w.len == 1));
+        assert_eq!(store.observe(&t), Observed::Duplicate);
+        let Observed::Window(w) = store.observe(&tx("c1", "t2", 20.0, 6.0)) else {
+            panic!("new id must be scored")
+        };
+        assert_eq!(w.len, 2);
+        assert_eq!(store.len(), 1);
+    }
+
+    #[test]
+    fn history_before_the_target_period_feeds_windows() {
+        let b = builder(3);
+        let txs = vec![
+            tx("a", "1", 1.0, 1.0),
+            tx("b", "2", 2.0, 2.0),
+            tx("a", "3", 3.0, 3.0),
+        ];
+        let w = b.build_offline(&txs, |t| t.ts >= 3.0);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].len, 2, "the earlier transaction is history");
+        // Row layout: [padding row][card a at t=1][card a at t=3]; column 0 is the amount.
+        assert_eq!(w[0].data[..5], [0.0; 5]);
+        assert_eq!((w[0].data[5], w[0].data[10]), (1.0, 3.0));
+        assert_eq!(
+            w[0].data[11],
+            2f32.ln_1p(),
+            "gap since the history transaction"
+        );
+    }
+
+    #[test]
+    fn scaler_sees_only_selected_rows() {
+        let spec = FeatureSpec::cards();
+        let txs = vec![
+            tx("a", "1", 1.0, 1.0),
+            tx("a", "2", 2.0, 3.0),
+            tx("a", "3", 3.0, 1000.0),
+        ];
+        let s = fit_scaler(&spec, &txs, |t| t.ts < 3.0);
+        assert_eq!(s.fitted_rows, 2);
+        assert_eq!(s.center[0], 2.0);
+    }
+}

@@ -1,0 +1,16 @@
+//! From transaction to model input: raw features, robust scaling, and the per-card window.
+//!
+//! [`WindowBuilder::observe`] is the single implementation used offline (training, evaluation)
+//! and online (the detector's [`CardStore`]).
+
+mod builder;
+mod featurizer;
+mod scaler;
+mod window;
+
+pub use builder::{
+    CardState, CardStore, DEFAULT_WINDOW, Observed, WindowBuilder, WindowSample, fit_scaler,
+};
+pub use featurizer::{CardHistory, Featurizer};
+pub use scaler::{RobustScaler, quantile_sorted};
+pub use window::Window;

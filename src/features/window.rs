@@ -1,0 +1,121 @@
+//! The per-card ring buffer: a card's last N scaled feature vectors, the current one last.
+
+/// A fixed-capacity ring of scaled rows with their transaction ids and event times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    capacity: usize,
+    width: usize,
+    /// `capacity * width` floats; row `slot` lives at `slot * width`.
+    rows: Vec<f32>,
+    /// Transaction ids per slot, for deduplication and for explaining alerts.
+    ids: Vec<Option<Box<str>>>,
+    /// Event times per slot.
+    ts: Vec<f64>,
+    /// Slot that the next push writes.
+    head: usize,
+    /// Real rows held (at most `capacity`).
+    len: usize,
+}
+
+impl Window {
+    /// An empty window of `capacity` rows of `width` features.
+    pub fn new(capacity: usize, width: usize) -> Self {
+        assert!(
+            capacity > 0 && width > 0,
+            "window needs a length and features"
+        );
+        Window {
+            capacity,
+            width,
+            rows: vec![0.0; capacity * width],
+            ids: vec![None; capacity],
+            ts: vec![0.0; capacity],
+            head: 0,
+            len: 0,
+        }
+    }
+
+    /// Real rows held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no row was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Maximum rows (the model's window length).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether a transaction with this id is already in the window (a redelivery).
+    pub fn contains_id(&self, id: &str) -> bool {
+        self.slots().any(|s| self.ids[s].as_deref() == Some(id))
+    }
+
+    /// Appends a row, dropping the oldest when full.
+    pub fn push(&mut self, row: &[f32], id: Option<&str>, ts: f64) {
+        debug_assert_eq!(row.len(), self.width);
+        let at = self.head * self.width;
+        self.rows[at..at + self.width].copy_from_slice(row);
+        self.ids[self.head] = id.map(Into::into);
+        self.ts[self.head] = ts;
+        self.head = (self.head + 1) % self.capacity;
+        self.len = (self.len + 1).min(self.capacity);
+    }
+
+    /// Slots of the real rows, oldest first.
+    fn slots(&self) -> impl Iterator<Item = usize> + '_ {
+        let start = (self.head + self.capacity - self.len) % self.capacity;
+        (0..self.len).map(move |i| (start + i) % self.capacity)
+    }
+
+    /// Writes the model input, `capacity * width` floats: zero rows first (left padding), then the
+    /// real rows oldest to newest, so the current transaction is always the last row.
+    /// Returns the number of real rows; positions before `capacity - len` are padding.
+    pub fn write_padded(&self, out: &mut [f32]) -> usize {
+        assert_eq!(out.len(), self.capacity * self.width);
+        let pad = (self.capacity - self.len) * self.width;
+        out[..pad].fill(0.0);
+        for (i, s) in self.slots().enumerate() {
+            let dst = pad + i * self.width;
+            out[dst..dst + self.width].copy_from_slice(&self.rows[s * self.width..][..self.width]);
+        }
+        self.len
+    }
+
+    /// Transaction ids aligned with `write_padded`'s rows (None for padding or id-less records).
+    pub fn padded_ids(&self) -> Vec<Option<&str>> {
+        let mut ids = vec![None; self.capacity - self.len];
+        ids.extend(self.slots().map(|s| self.ids[s].as_deref()));
+        ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pads_left_and_keeps_the_last_n_in_order() {
+        let mut w = Window::new(3, 2);
+        w.push(&[1.0, 1.5], Some("a"), 1.0);
+        let mut out = [9f32; 6];
+        assert_eq!(w.write_padded(&mut out), 1);
+        assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 1.0, 1.5]);
+        assert_eq!(w.padded_ids(), [None, None, Some("a")]);
+        for (i, id) in ["b", "c", "d"].iter().enumerate() {
+            let v = (i + 2) as f32;
+            w.push(&[v, v], Some(id), v as f64);
+        }
+        assert_eq!(w.write_padded(&mut out), 3);
+        assert_eq!(out, [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]);
+        assert_eq!(w.padded_ids(), [Some("b"), Some("c"), Some("d")]);
+        assert!(
+            w.contains_id("d") && !w.contains_id("a"),
+            "evicted ids are forgotten"
+        );
+    }
+}

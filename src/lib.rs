@@ -1,0 +1,21 @@
+//! fraudstream: a streaming credit-card fraud detector.
+//!
+//! # Layout
+//! Modules in the order a transaction travels through them:
+//!
+//! - [`sim`]: the synthetic card-stream simulator (where test and demo transactions come from).
+//! - [`schema`]: a record (JSON object or CSV row) enters here; the [`schema::FeatureSpec`]
+//!   validates it into a [`schema::Transaction`] or a typed [`schema::SchemaError`]; file readers.
+//! - [`features`]: raw features, the robust scaler, and the per-card ring-buffer window
+//!   ([`features::WindowBuilder::observe`]), one implementation for training and serving; the
+//!   online per-card state lives in [`features::CardStore`].
+//! - [`train`]: the time split into history / train / validation / test periods.
+//! - [`observe`]: logging (metrics and the HTTP server come with the detector).
+//! - [`cli`]: the subcommands that tie the stages together.
+
+pub mod cli;
+pub mod features;
+pub mod observe;
+pub mod schema;
+pub mod sim;
+pub mod train;

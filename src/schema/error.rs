@@ -1,0 +1,106 @@
+//! Typed errors for records that do not fit the feature spec.
+//!
+//! Bad input is expected in production: every variant names the field and the reason so that
+//! a dead-letter record, a log line and a counter can all say what was wrong.
+
+use thiserror::Error;
+
+/// Why one field of one record could not be turned into model input.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SchemaError {
+    /// The spec needs this field and the record does not have it (or it is null/empty).
+    #[error("field `{field}`: missing")]
+    Missing {
+        /// The field's name in the spec.
+        field: String,
+    },
+    /// A numeric field held text that does not parse as a number.
+    #[error("field `{field}`: not a number: {value:?}")]
+    NotANumber {
+        /// The field's name in the spec.
+        field: String,
+        /// The offending text (truncated to 64 characters).
+        value: String,
+    },
+    /// A numeric field parsed to NaN or an infinity, which would poison the scaler and model.
+    #[error("field `{field}`: NaN or infinite: {value:?}")]
+    NonFinite {
+        /// The field's name in the spec.
+        field: String,
+        /// The offending text.
+        value: String,
+    },
+    /// The JSON value has a type the field cannot take (an object where a number belongs).
+    #[error("field `{field}`: wrong type: expected {expected}, got {got}")]
+    WrongType {
+        /// The field's name in the spec.
+        field: String,
+        /// What the spec expects there.
+        expected: &'static str,
+        /// What the record had.
+        got: &'static str,
+    },
+    /// The event-time field is neither unix seconds nor a recognised date-time.
+    #[error("field `{field}`: unparseable timestamp: {value:?}")]
+    BadTimestamp {
+        /// The field's name in the spec.
+        field: String,
+        /// The offending text.
+        value: String,
+    },
+    /// The key (card) field is present but empty, so the record belongs to no card.
+    #[error("field `{field}`: empty key")]
+    EmptyKey {
+        /// The field's name in the spec.
+        field: String,
+    },
+    /// The label field is not one of 0, 1, true, false.
+    #[error("field `{field}`: not a fraud label (expected 0, 1, true or false): {value:?}")]
+    BadLabel {
+        /// The field's name in the spec.
+        field: String,
+        /// The offending text.
+        value: String,
+    },
+}
+
+impl SchemaError {
+    /// The field the error is about.
+    pub fn field(&self) -> &str {
+        match self {
+            SchemaError::Missing { field }
+            | SchemaError::NotANumber { field, .. }
+            | SchemaError::NonFinite { field, .. }
+            | SchemaError::WrongType { field, .. }
+            | SchemaError::BadTimestamp { field, .. }
+            | SchemaError::EmptyKey { field }
+            | SchemaError::BadLabel { field, .. } => field,
+        }
+    }
+
+    /// A short, fixed reason name: small enough to be a metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SchemaError::Missing { .. } => "missing",
+            SchemaError::NotANumber { .. } => "not_a_number",
+            SchemaError::NonFinite { .. } => "non_finite",
+            SchemaError::WrongType { .. } => "wrong_type",
+            SchemaError::BadTimestamp { .. } => "bad_timestamp",
+            SchemaError::EmptyKey { .. } => "empty_key",
+            SchemaError::BadLabel { .. } => "bad_label",
+        }
+    }
+}
+
+/// Cuts a value quoted in an error to a bounded length, so a huge bad field cannot bloat logs.
+pub(crate) fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

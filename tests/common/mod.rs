@@ -1,0 +1,31 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+/// The built `fraudstream` binary.
+pub fn fraudstream() -> Command {
+    Command::cargo_bin("fraudstream").expect("binary is built")
+}
+
+/// Runs `fraudstream simulate` into `dir/name` with small defaults plus `extra` arguments.
+pub fn simulate(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut cmd = fraudstream();
+    cmd.args([
+        "simulate",
+        "--cards",
+        "200",
+        "--terminals",
+        "400",
+        "--days",
+        "30",
+    ])
+    .args(extra)
+    .arg("--out")
+    .arg(&out);
+    cmd.assert().success();
+    out
+}
