@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod features;
+pub mod model;
 pub mod observe;
 pub mod schema;
 pub mod sim;

@@ -1,6 +1,8 @@
 //! Command-line definitions (clap) and the glue from each subcommand to the library.
 
+mod data;
 mod simulate;
+mod train;
 mod validate;
 
 use std::process::ExitCode;
@@ -8,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use simulate::SimulateArgs;
+pub use train::TrainArgs;
 pub use validate::{SpecArgs, ValidateArgs};
 
 /// fraudstream: streaming credit-card fraud detection with an attention-LSTM.
@@ -24,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate a seeded synthetic card-transaction stream with fraud (CSV or JSONL).
     Simulate(SimulateArgs),
+    /// Train the attention-LSTM on a time-split file and write a model bundle.
+    Train(TrainArgs),
     /// Check a CSV/JSONL file against a feature spec and report the first bad rows.
     Validate(ValidateArgs),
     /// Print a feature spec (a preset or a TOML file) as TOML, to start a custom one.
@@ -34,6 +39,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
+        Command::Train(args) => train::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Spec(args) => validate::print_spec(args),
     }
@@ -43,7 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 pub(crate) fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     let template = format!(
-        "{{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}}) {{msg}}"
+        "{{prefix}} {{spinner}} [{{elapsed_precise}}] {{bar:40}} {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}}) {{msg}}"
     );
     bar.set_style(
         indicatif::ProgressStyle::with_template(&template)

@@ -118,25 +118,31 @@ impl WindowBuilder {
         })
     }
 
-    /// Offline: replays time-sorted transactions through per-card state and returns the windows
-    /// of those `target` selects. Unselected transactions still enter their cards' windows (they
-    /// are history), which is how periods before a split boundary feed later windows.
+    /// Offline: replays time-sorted transactions through per-card state, calling `sink` with
+    /// each transaction and its window. Every transaction enters its card's window, so
+    /// transactions the sink ignores (an earlier period) are still history for later ones.
+    pub fn replay(&self, sorted: &[Transaction], mut sink: impl FnMut(&Transaction, WindowSample)) {
+        let mut cards: HashMap<&str, CardState> = HashMap::new();
+        for tx in sorted {
+            let card = cards.entry(&tx.key).or_insert_with(|| self.new_card());
+            if let Observed::Window(w) = self.observe(card, tx) {
+                sink(tx, w);
+            }
+        }
+    }
+
+    /// The windows of the transactions `target` selects (see [`WindowBuilder::replay`]).
     pub fn build_offline(
         &self,
         sorted: &[Transaction],
         mut target: impl FnMut(&Transaction) -> bool,
     ) -> Vec<WindowSample> {
-        let mut cards: HashMap<&str, CardState> = HashMap::new();
         let mut out = Vec::new();
-        for tx in sorted {
-            let card = cards.entry(&tx.key).or_insert_with(|| self.new_card());
-            let observed = self.observe(card, tx);
-            if let Observed::Window(w) = observed
-                && target(tx)
-            {
+        self.replay(sorted, |tx, w| {
+            if target(tx) {
                 out.push(w);
             }
-        }
+        });
         out
     }
 }

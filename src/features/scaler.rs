@@ -81,7 +81,7 @@ mod tests {
 
     #[test]
     fn matches_sklearn_robust_scaler() {
-        // python: from sklearn.preprocessing import RobustScaler
+        // scikit-learn 1.9.1: from sklearn.preprocessing import RobustScaler
         //   s = RobustScaler().fit([[1,5],[2,5],[3,5],[4,5],[100,5]])
         //   s.center_ -> [3., 5.]; s.scale_ -> [2., 1.]
         //   s.transform([[7, 6]]) -> [[2., 1.]]

@@ -1,5 +1,15 @@
-//! Training-side data handling. So far: the time split into periods.
+//! Training and offline evaluation: time split, datasets of windows, focal loss, the training
+//! loop, threshold choice and metrics.
 
+mod dataset;
+mod loss;
+pub mod metrics;
 mod split;
+mod threshold;
+mod trainer;
 
+pub use dataset::{Dataset, WindowSet, card_count, card_fraction, epoch_sample};
+pub use loss::FocalLoss;
 pub use split::{DateError, Period, TimeSplit, parse_date};
+pub use threshold::{Choice, ThresholdRule};
+pub use trainer::{EpochRecord, TrainObserver, TrainSettings, Trained, fit};

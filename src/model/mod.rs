@@ -1,0 +1,149 @@
+//! The attention-LSTM (one struct per layer), its initialisation, and the model bundle.
+
+mod bundle;
+mod config;
+mod fast;
+mod layers;
+mod network;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use bundle::{
+    BUNDLE_MANIFEST, BUNDLE_WEIGHTS, Bundle, BundleError, MANIFEST_FORMAT, Manifest, ThresholdInfo,
+};
+pub use config::ModelConfig;
+pub use fast::FastModel;
+pub use layers::{Attention, Dense, Lstm};
+pub use network::{AttentionLstm, Batch, Output};
+
+/// A freshly initialised, trainable model and the variables an optimiser updates.
+pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<(AttentionLstm, VarMap)> {
+    let varmap = VarMap::new();
+    let model = AttentionLstm::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, device))?;
+    reinit(&varmap, seed)?;
+    Ok((model, varmap))
+}
+
+/// The variables as named tensors (a snapshot: later optimiser steps do not change it).
+pub fn weights(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    data.iter()
+        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
+        .collect()
+}
+
+/// Sets every variable from a seeded RNG (candle's CPU RNG cannot be seeded): Glorot-uniform
+/// kernels, zero biases, and a forget-gate bias of 1 in every LSTM, as Keras initialises them.
+fn reinit(varmap: &VarMap, seed: u64) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let values: Vec<f32> = if name.ends_with("bias") {
+            let mut b = vec![0f32; dims[0]];
+            if name.contains("lstm") {
+                let h = dims[0] / 4;
+                b[h..2 * h].fill(1.0);
+            }
+            b
+        } else {
+            let limit = (6.0 / (dims[0] + dims[1]) as f64).sqrt() as f32;
+            (0..dims[0] * dims[1])
+                .map(|_| rng.random_range(-limit..limit))
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims.as_slice(), var.device())?)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notebook_parameter_count_for_30_features() {
+        let cfg = ModelConfig::notebook(30, 30);
+        assert_eq!(cfg.parameter_count(), 312_833);
+        let (_, varmap) = init(&cfg, 1, &Device::Cpu).unwrap();
+        let counted: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        assert_eq!(counted, 312_833);
+    }
+
+    fn score(model: &AttentionLstm, row: &[f32], window: usize, width: usize) -> f32 {
+        let mut padded = vec![0f32; window * width];
+        padded[(window - 1) * width..].copy_from_slice(row);
+        let batch = Batch::new(&[&padded], &[1], window, width, &Device::Cpu).unwrap();
+        model.predict(&batch).unwrap().0[0]
+    }
+
+    #[test]
+    fn padding_is_masked() {
+        let cfg = ModelConfig::notebook(5, 30);
+        let (model, _) = init(&cfg, 3, &Device::Cpu).unwrap();
+        let row = [0.3f32, -1.2, 0.5, 0.8, 2.0];
+        let padded = score(&model, &row, 30, 5);
+        let alone = score(&model, &row, 1, 5);
+        assert_eq!(padded, alone);
+        // Padding values themselves are ignored too, not just assumed to be zero.
+        let mut noisy = vec![7f32; 30 * 5];
+        noisy[29 * 5..].copy_from_slice(&row);
+        let batch = Batch::new(&[&noisy], &[1], 30, 5, &Device::Cpu).unwrap();
+        let (s, att) = model.predict(&batch).unwrap();
+        assert_eq!(s[0], alone);
+        assert_eq!(att[0][..29], [0.0; 29]);
+        assert!((att[0][29] - 1.0).abs() < 1e-6);
+    }
+
+    /// The plain-Rust scoring path gives the candle network's scores and attention.
+    #[test]
+    fn fast_forward_matches_candle() {
+        let cfg = ModelConfig::notebook(5, 12);
+        let (model, varmap) = init(&cfg, 5, &Device::Cpu).unwrap();
+        let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let lens: Vec<usize> = (0..9).map(|i| [12, 1, 5, 12, 11, 2, 12, 7, 3][i]).collect();
+        let data: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&l| {
+                let mut w: Vec<f32> = (0..12 * 5).map(|_| rng.random_range(-2.0..2.0)).collect();
+                w[..(12 - l) * 5].fill(0.0);
+                w
+            })
+            .collect();
+        let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&ws, &lens, 12, 5, &Device::Cpu).unwrap();
+        let (s_ref, a_ref) = model.predict(&batch).unwrap();
+        let (s, a) = fast.predict(&ws, &lens);
+        for i in 0..lens.len() {
+            assert!(
+                (s[i] - s_ref[i]).abs() < 1e-5,
+                "score {i}: {} vs {}",
+                s[i],
+                s_ref[i]
+            );
+            for t in 0..12 {
+                assert!((a[i][t] - a_ref[i][t]).abs() < 1e-5, "attention {i},{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_weights() {
+        let cfg = ModelConfig::notebook(5, 4);
+        let row = [0.1f32, 0.2, 0.3, 0.4, 0.5];
+        let a = score(&init(&cfg, 9, &Device::Cpu).unwrap().0, &row, 4, 5);
+        let b = score(&init(&cfg, 9, &Device::Cpu).unwrap().0, &row, 4, 5);
+        let c = score(&init(&cfg, 10, &Device::Cpu).unwrap().0, &row, 4, 5);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,330 @@
+//! Offline metrics at natural prevalence: average precision, ROC AUC, precision/recall/F1 at a
+//! threshold, the precision-recall and ROC curves, and card precision@k per day.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Counts at one threshold (score >= threshold is an alert).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confusion {
+    /// Frauds alerted.
+    pub tp: u64,
+    /// Legitimate transactions alerted.
+    pub fp: u64,
+    /// Legitimate transactions not alerted.
+    pub tn: u64,
+    /// Frauds missed.
+    pub fn_: u64,
+}
+
+impl Confusion {
+    /// Counts the outcomes of `scores` against `labels` at `threshold`.
+    pub fn at(scores: &[f32], labels: &[bool], threshold: f64) -> Self {
+        let mut c = Confusion::default();
+        for (&s, &y) in scores.iter().zip(labels) {
+            match (f64::from(s) >= threshold, y) {
+                (true, true) => c.tp += 1,
+                (true, false) => c.fp += 1,
+                (false, false) => c.tn += 1,
+                (false, true) => c.fn_ += 1,
+            }
+        }
+        c
+    }
+
+    /// tp / (tp + fp); 0 when nothing is alerted.
+    pub fn precision(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fp)
+    }
+
+    /// tp / (tp + fn); 0 when there is no fraud.
+    pub fn recall(&self) -> f64 {
+        ratio(self.tp, self.tp + self.fn_)
+    }
+
+    /// Harmonic mean of precision and recall.
+    pub fn f1(&self) -> f64 {
+        f1(self.precision(), self.recall())
+    }
+
+    /// Precision and recall of the legitimate class (for the classification report).
+    pub fn negative_precision_recall(&self) -> (f64, f64) {
+        (
+            ratio(self.tn, self.tn + self.fn_),
+            ratio(self.tn, self.tn + self.fp),
+        )
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
+}
+
+/// Harmonic mean; 0 when both are 0.
+pub fn f1(p: f64, r: f64) -> f64 {
+    if p + r == 0.0 {
+        0.0
+    } else {
+        2.0 * p * r / (p + r)
+    }
+}
+
+/// One point of the precision-recall curve.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrPoint {
+    /// Alert when score >= threshold.
+    pub threshold: f64,
+    /// Precision at that threshold.
+    pub precision: f64,
+    /// Recall at that threshold.
+    pub recall: f64,
+    /// Fraction of transactions alerted.
+    pub alert_rate: f64,
+}
+
+/// Indices sorted by descending score.
+fn order_desc(scores: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    idx
+}
+
+/// The precision-recall curve at every distinct score, highest threshold first (as
+/// scikit-learn's `precision_recall_curve`, reversed).
+pub fn pr_curve(scores: &[f32], labels: &[bool]) -> Vec<PrPoint> {
+    let positives = labels.iter().filter(|&&y| y).count() as f64;
+    let n = scores.len() as f64;
+    let idx = order_desc(scores);
+    let mut out = Vec::new();
+    let (mut tp, mut fp) = (0.0, 0.0);
+    for (k, &i) in idx.iter().enumerate() {
+        if labels[i] {
+            tp += 1.0
+        } else {
+            fp += 1.0
+        }
+        let last_of_tie = idx.get(k + 1).is_none_or(|&j| scores[j] != scores[i]);
+        if last_of_tie {
+            out.push(PrPoint {
+                threshold: f64::from(scores[i]),
+                precision: tp / (tp + fp),
+                recall: if positives > 0.0 { tp / positives } else { 0.0 },
+                alert_rate: (tp + fp) / n,
+            });
+        }
+    }
+    out
+}
+
+/// Average precision: Σ (Rₖ − Rₖ₋₁)·Pₖ over distinct thresholds (scikit-learn's definition).
+pub fn average_precision(scores: &[f32], labels: &[bool]) -> f64 {
+    let mut prev_recall = 0.0;
+    let mut ap = 0.0;
+    for p in pr_curve(scores, labels) {
+        ap += (p.recall - prev_recall) * p.precision;
+        prev_recall = p.recall;
+    }
+    ap
+}
+
+/// The ROC curve as (false-positive rate, true-positive rate) points from (0,0) to (1,1).
+pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Vec<(f64, f64)> {
+    let pos = labels.iter().filter(|&&y| y).count().max(1) as f64;
+    let neg = labels.iter().filter(|&&y| !y).count().max(1) as f64;
+    let mut out = vec![(0.0, 0.0)];
+    for p in pr_curve(scores, labels) {
+        let tp = p.recall * pos;
+        let alerted = p.alert_rate * scores.len() as f64;
+        out.push(((alerted - tp) / neg, tp / pos));
+    }
+    out
+}
+
+/// Area under the ROC curve (trapezoids, so ties count one half); 0.5 without both classes.
+pub fn roc_auc(scores: &[f32], labels: &[bool]) -> f64 {
+    let has_both = labels.iter().any(|&y| y) && labels.iter().any(|&y| !y);
+    if !has_both {
+        return 0.5;
+    }
+    roc_curve(scores, labels)
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+        .sum()
+}
+
+/// Card precision@k for one day: of the k cards with the highest score that day (a card's
+/// score is its highest transaction score), the fraction that had a fraud that day. Days with
+/// fewer than k cards divide by k all the same, as the handbook does.
+pub fn card_precision_at_k(day: &[(&str, f32, bool)], k: usize) -> f64 {
+    let mut cards: HashMap<&str, (f32, bool)> = HashMap::new();
+    for &(card, score, fraud) in day {
+        let e = cards.entry(card).or_insert((f32::NEG_INFINITY, false));
+        e.0 = e.0.max(score);
+        e.1 |= fraud;
+    }
+    let mut ranked: Vec<(&str, (f32, bool))> = cards.into_iter().collect();
+    // Ties broken by card id so the number is deterministic.
+    ranked.sort_by(|a, b| b.1.0.total_cmp(&a.1.0).then(a.0.cmp(b.0)));
+    let hits = ranked.iter().take(k).filter(|(_, (_, f))| *f).count();
+    hits as f64 / k as f64
+}
+
+/// Every headline number for one set of scores at one threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Transactions scored.
+    pub transactions: u64,
+    /// Frauds among them.
+    pub frauds: u64,
+    /// Area under the precision-recall curve.
+    pub average_precision: f64,
+    /// Area under the ROC curve.
+    pub roc_auc: f64,
+    /// The threshold the counts below use.
+    pub threshold: f64,
+    /// Precision at the threshold.
+    pub precision: f64,
+    /// Recall at the threshold.
+    pub recall: f64,
+    /// F1 at the threshold.
+    pub f1: f64,
+    /// Fraction of transactions alerted.
+    pub alert_rate: f64,
+    /// Confusion counts at the threshold.
+    pub confusion: Confusion,
+    /// Mean over days of card precision@100.
+    pub card_precision_at_100: f64,
+}
+
+impl Summary {
+    /// Computes the summary; `keys` and `ts` (seconds) give each transaction's card and day.
+    pub fn compute(
+        scores: &[f32],
+        labels: &[bool],
+        keys: &[String],
+        ts: &[f64],
+        threshold: f64,
+    ) -> Self {
+        let confusion = Confusion::at(scores, labels, threshold);
+        let daily = daily_card_precision(scores, labels, keys, ts, 100);
+        let cp = if daily.is_empty() {
+            0.0
+        } else {
+            daily.iter().map(|d| d.1).sum::<f64>() / daily.len() as f64
+        };
+        Summary {
+            transactions: scores.len() as u64,
+            frauds: labels.iter().filter(|&&y| y).count() as u64,
+            average_precision: average_precision(scores, labels),
+            roc_auc: roc_auc(scores, labels),
+            threshold,
+            precision: confusion.precision(),
+            recall: confusion.recall(),
+            f1: confusion.f1(),
+            alert_rate: (confusion.tp + confusion.fp) as f64 / scores.len().max(1) as f64,
+            confusion,
+            card_precision_at_100: cp,
+        }
+    }
+}
+
+/// Card precision@k for each UTC day present: `(day number since the epoch, precision)`.
+pub fn daily_card_precision(
+    scores: &[f32],
+    labels: &[bool],
+    keys: &[String],
+    ts: &[f64],
+    k: usize,
+) -> Vec<(i64, f64)> {
+    let mut days: std::collections::BTreeMap<i64, Vec<(&str, f32, bool)>> = Default::default();
+    for i in 0..scores.len() {
+        let day = (ts[i] / 86_400.0).floor() as i64;
+        days.entry(day)
+            .or_default()
+            .push((&keys[i], scores[i], labels[i]));
+    }
+    days.into_iter()
+        .map(|(d, rows)| (d, card_precision_at_k(&rows, k)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Reference values from scikit-learn 1.9.1:
+    //   from sklearn.metrics import average_precision_score, roc_auc_score
+    //   y = [0, 0, 1, 1, 0, 1]; s = [0.1, 0.4, 0.35, 0.8, 0.4, 0.9]
+    //   average_precision_score(y, s) -> 0.8666666666666667
+    //   roc_auc_score(y, s)           -> 0.7777777777777778
+    const Y: [bool; 6] = [false, false, true, true, false, true];
+    const S: [f32; 6] = [0.1, 0.4, 0.35, 0.8, 0.4, 0.9];
+
+    #[test]
+    fn average_precision_matches_sklearn() {
+        assert!((average_precision(&S, &Y) - 0.866_666_666_666_666_7).abs() < 1e-12);
+        // A perfect ranking has AP 1, regardless of prevalence.
+        assert_eq!(
+            average_precision(&[0.9, 0.1, 0.2], &[true, false, false]),
+            1.0
+        );
+    }
+
+    #[test]
+    fn roc_auc_matches_sklearn_with_ties() {
+        assert!((roc_auc(&S, &Y) - 0.777_777_777_777_777_8).abs() < 1e-12);
+        // All scores tied: the curve is the diagonal.
+        assert_eq!(roc_auc(&[0.5; 4], &[true, false, true, false]), 0.5);
+    }
+
+    #[test]
+    fn confusion_and_f1_by_hand() {
+        // threshold 0.4: alerted 0.4, 0.8, 0.4, 0.9 -> tp 2 (0.8, 0.9), fp 2; missed 0.35.
+        let c = Confusion::at(&S, &Y, 0.4);
+        assert_eq!(
+            c,
+            Confusion {
+                tp: 2,
+                fp: 2,
+                tn: 1,
+                fn_: 1
+            }
+        );
+        assert_eq!(c.precision(), 0.5);
+        assert!((c.recall() - 2.0 / 3.0).abs() < 1e-12);
+        assert!((c.f1() - 4.0 / 7.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn pr_curve_groups_ties() {
+        let curve = pr_curve(&S, &Y);
+        let thresholds: Vec<f64> = curve.iter().map(|p| p.threshold).collect();
+        assert_eq!(
+            thresholds.len(),
+            5,
+            "0.4 appears twice but is one threshold"
+        );
+        assert_eq!(curve[2].threshold, f64::from(0.4f32));
+        assert_eq!((curve[2].precision, curve[2].alert_rate), (0.5, 4.0 / 6.0));
+    }
+
+    #[test]
+    fn card_precision_at_k_by_hand() {
+        // Card a: max 0.9, fraud; b: max 0.8, legit; c: 0.7, fraud; d: 0.1, fraud.
+        let day = [
+            ("a", 0.2, true),
+            ("a", 0.9, false),
+            ("b", 0.8, false),
+            ("c", 0.7, true),
+            ("d", 0.1, true),
+        ];
+        assert_eq!(card_precision_at_k(&day, 2), 0.5);
+        assert!((card_precision_at_k(&day, 3) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(
+            card_precision_at_k(&day, 10),
+            0.3,
+            "fewer cards than k still divides by k"
+        );
+    }
+}
