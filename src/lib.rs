@@ -9,7 +9,11 @@
 //! - [`features`]: raw features, the robust scaler, and the per-card ring-buffer window
 //!   ([`features::WindowBuilder::observe`]), one implementation for training and serving; the
 //!   online per-card state lives in [`features::CardStore`].
-//! - [`train`]: the time split into history / train / validation / test periods.
+//! - [`model`]: the attention-LSTM (candle layers for training, a plain-Rust forward for
+//!   scoring) and the model bundle (safetensors + manifest).
+//! - [`train`]: time split into periods, window datasets, focal loss, the training loop,
+//!   threshold rules and offline metrics.
+//! - [`report`]: PNG plots and the HTML evaluation report.
 //! - [`observe`]: logging (metrics and the HTTP server come with the detector).
 //! - [`cli`]: the subcommands that tie the stages together.
 
@@ -17,6 +21,7 @@ pub mod cli;
 pub mod features;
 pub mod model;
 pub mod observe;
+pub mod report;
 pub mod schema;
 pub mod sim;
 pub mod train;

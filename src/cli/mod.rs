@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and the glue from each subcommand to the library.
 
 mod data;
+mod evaluate;
 mod simulate;
 mod train;
 mod validate;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use evaluate::EvaluateArgs;
 pub use simulate::SimulateArgs;
 pub use train::TrainArgs;
 pub use validate::{SpecArgs, ValidateArgs};
@@ -29,6 +31,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Train the attention-LSTM on a time-split file and write a model bundle.
     Train(TrainArgs),
+    /// Score a labelled file with a model bundle at natural prevalence; metrics and HTML report.
+    Evaluate(EvaluateArgs),
     /// Check a CSV/JSONL file against a feature spec and report the first bad rows.
     Validate(ValidateArgs),
     /// Print a feature spec (a preset or a TOML file) as TOML, to start a custom one.
@@ -40,6 +44,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Simulate(args) => simulate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Spec(args) => validate::print_spec(args),
     }

@@ -77,6 +77,6 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(loss < 1e-8 && loss >= 0.0, "{loss}");
+        assert!((0.0..1e-8).contains(&loss), "{loss}");
     }
 }

@@ -1,0 +1,211 @@
+//! `fraudstream evaluate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+use serde_json::json;
+
+use super::data::{load_sorted, show_time};
+use crate::model::Bundle;
+use crate::report::{self, ReportInput};
+use crate::schema::Format;
+use crate::train::metrics::{Summary, daily_card_precision, f1};
+use crate::train::{WindowSet, parse_date};
+
+/// Options of `evaluate`.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// Model bundle directory.
+    #[arg(long, default_value = "models/default")]
+    pub model: PathBuf,
+    /// Labelled transactions (CSV or JSONL) in the bundle's spec.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// File format; by default from the extension.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Count transactions from this time on (earlier ones still feed the windows).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Count transactions before this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory for the HTML report and its PNG plots.
+    #[arg(long, default_value = "report")]
+    pub report: PathBuf,
+    /// Skip the HTML report.
+    #[arg(long)]
+    pub no_report: bool,
+    /// Write per-transaction scores as CSV (transaction_id, card_id, ts, score, label).
+    #[arg(long)]
+    pub scores_out: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
+    let bundle = Bundle::load(&args.model, &Device::Cpu)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let m = &bundle.manifest;
+    let from = args
+        .from
+        .as_deref()
+        .map(parse_date)
+        .transpose()?
+        .unwrap_or(f64::NEG_INFINITY);
+    let until = args
+        .until
+        .as_deref()
+        .map(parse_date)
+        .transpose()?
+        .unwrap_or(f64::INFINITY);
+    let txs = load_sorted(&args.data, args.format, &m.spec)?;
+    let builder = bundle.window_builder();
+    let mut set = WindowSet::new(builder.window_len(), builder.width());
+    builder.replay(&txs, |tx, w| {
+        if tx.ts >= from && tx.ts < until {
+            set.push(w);
+        }
+    });
+    anyhow::ensure!(
+        !set.is_empty(),
+        "no transactions between --from and --until"
+    );
+    let bar = super::progress(set.len() as u64, "windows");
+    bar.set_message("scoring");
+    let scores = set.score(&bundle.fast, 512, |n| bar.set_position(n as u64));
+    bar.finish_and_clear();
+    let threshold = bundle.threshold();
+    let summary = Summary::compute(&scores, &set.labels, &set.keys, &set.ts, threshold);
+    let daily = daily_card_precision(&scores, &set.labels, &set.keys, &set.ts, 100);
+    if let Some(path) = &args.scores_out {
+        write_scores(path, &set, &scores).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let data_label = format!(
+        "{} from {} to {}",
+        args.data.display(),
+        show_time(set.ts[0]),
+        show_time(set.ts[set.len() - 1])
+    );
+    let report_path = if args.no_report {
+        None
+    } else {
+        let input = ReportInput {
+            manifest: m,
+            data_label,
+            summary: &summary,
+            scores: &scores,
+            labels: &set.labels,
+            daily: &daily,
+        };
+        Some(report::write(&args.report, &input)?)
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["model"] = json!({"name": m.name, "version": m.version, "sha256": m.weights_sha256});
+        v["card_precision_at_100_daily"] = json!(daily);
+        if let Some(p) = &report_path {
+            v["report"] = json!(p.display().to_string());
+        }
+        println!("{v}");
+    } else {
+        print_text(&bundle, &summary, &daily, report_path.as_deref());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_scores(path: &std::path::Path, set: &WindowSet, scores: &[f32]) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(out, "transaction_id,card_id,ts,score,label")?;
+    for (i, score) in scores.iter().enumerate() {
+        let id = set.ids[i].as_deref().unwrap_or("");
+        writeln!(
+            out,
+            "{id},{},{},{:.6},{}",
+            set.keys[i],
+            set.ts[i],
+            score,
+            u8::from(set.labels[i])
+        )?;
+    }
+    out.flush()
+}
+
+fn print_text(
+    bundle: &Bundle,
+    s: &Summary,
+    daily: &[(i64, f64)],
+    report: Option<&std::path::Path>,
+) {
+    let m = &bundle.manifest;
+    let c = &s.confusion;
+    let (np, nr) = c.negative_precision_recall();
+    println!(
+        "model:          {} {} (threshold {:.4}, {})",
+        m.name,
+        m.version,
+        s.threshold,
+        serde_json::to_string(&m.threshold.rule).unwrap_or_default()
+    );
+    println!(
+        "transactions:   {} ({} fraud, {:.3}%)",
+        s.transactions,
+        s.frauds,
+        100.0 * s.frauds as f64 / s.transactions.max(1) as f64
+    );
+    println!("ROC AUC:        {:.4}", s.roc_auc);
+    println!("avg precision:  {:.4}", s.average_precision);
+    println!(
+        "at threshold:   precision {:.4}  recall {:.4}  F1 {:.4}  alert rate {:.3}%",
+        s.precision,
+        s.recall,
+        s.f1,
+        100.0 * s.alert_rate
+    );
+    println!();
+    println!("classification report:");
+    println!("              precision    recall  f1-score   support");
+    println!(
+        "  legitimate     {np:.4}    {nr:.4}    {:.4}  {:>8}",
+        f1(np, nr),
+        c.tn + c.fp
+    );
+    println!(
+        "  fraud          {:.4}    {:.4}    {:.4}  {:>8}",
+        s.precision,
+        s.recall,
+        s.f1,
+        c.tp + c.fn_
+    );
+    println!();
+    println!("confusion matrix (rows actual, columns predicted):");
+    println!("                 legitimate      fraud");
+    println!("  legitimate   {:>11} {:>10}", c.tn, c.fp);
+    println!("  fraud        {:>11} {:>10}", c.fn_, c.tp);
+    println!();
+    println!(
+        "card precision@100: {:.4} (mean of {} days)",
+        s.card_precision_at_100,
+        daily.len()
+    );
+    for chunk in daily.chunks(7) {
+        let line: Vec<String> = chunk
+            .iter()
+            .map(|(d, p)| {
+                let day = chrono::DateTime::from_timestamp(d * 86_400, 0)
+                    .map_or(d.to_string(), |t| t.format("%m-%d").to_string());
+                format!("{day} {p:.2}")
+            })
+            .collect();
+        println!("  {}", line.join("  "));
+    }
+    if let Some(p) = report {
+        println!();
+        println!("report: {}", p.display());
+    }
+}

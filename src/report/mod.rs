@@ -1,0 +1,190 @@
+//! The evaluation report: PNG plots and one HTML page that shows them with the numbers.
+
+pub mod plots;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::model::Manifest;
+use crate::train::EpochRecord;
+use crate::train::metrics::{self, Summary};
+
+/// Everything the report shows.
+pub struct ReportInput<'a> {
+    /// The evaluated bundle's manifest.
+    pub manifest: &'a Manifest,
+    /// Which data was evaluated (shown in the header).
+    pub data_label: String,
+    /// The headline numbers.
+    pub summary: &'a Summary,
+    /// Scores of the evaluated transactions.
+    pub scores: &'a [f32],
+    /// Their labels.
+    pub labels: &'a [bool],
+    /// Card precision@100 per day.
+    pub daily: &'a [(i64, f64)],
+}
+
+/// Writes `index.html` and its PNGs into `dir`; returns the HTML path.
+pub fn write(dir: &Path, input: &ReportInput) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    plots::ensure_font().map_err(anyhow::Error::msg)?;
+    let s = input.summary;
+    let png = |name: &str| dir.join(name);
+    let history: Vec<EpochRecord> = input
+        .manifest
+        .training
+        .get("history")
+        .and_then(|h| serde_json::from_value(h.clone()).ok())
+        .unwrap_or_default();
+    let curve = metrics::pr_curve(input.scores, input.labels);
+    let roc = metrics::roc_curve(input.scores, input.labels);
+    let thin = |n: usize| (n / 2000).max(1);
+    let curve_thin: Vec<_> = curve.iter().step_by(thin(curve.len())).copied().collect();
+    let roc_thin: Vec<_> = roc
+        .iter()
+        .step_by(thin(roc.len()))
+        .copied()
+        .chain(roc.last().copied())
+        .collect();
+    let prevalence = s.frauds as f64 / s.transactions.max(1) as f64;
+    let plot =
+        |r: Result<(), String>, name: &str| r.map_err(|e| anyhow::anyhow!("plot {name}: {e}"));
+    plot(
+        plots::class_distribution(
+            &png("class_distribution.png"),
+            s.transactions - s.frauds,
+            s.frauds,
+        ),
+        "classes",
+    )?;
+    plot(
+        plots::pr_curve(
+            &png("pr_curve.png"),
+            &curve_thin,
+            (s.recall, s.precision),
+            s.average_precision,
+            prevalence,
+        ),
+        "pr",
+    )?;
+    plot(
+        plots::roc_curve(&png("roc_curve.png"), &roc_thin, s.roc_auc),
+        "roc",
+    )?;
+    plot(
+        plots::confusion(&png("confusion_matrix.png"), &s.confusion),
+        "confusion",
+    )?;
+    plot(
+        plots::score_histograms(
+            &png("score_histograms.png"),
+            input.scores,
+            input.labels,
+            s.threshold,
+        ),
+        "scores",
+    )?;
+    plot(
+        plots::daily_card_precision(&png("card_precision_daily.png"), input.daily),
+        "daily",
+    )?;
+    let has_history = !history.is_empty();
+    if has_history {
+        plot(
+            plots::training_curves(&png("training_curves.png"), &history),
+            "training",
+        )?;
+    }
+    let html = dir.join("index.html");
+    std::fs::write(&html, render(input, &history, has_history))?;
+    Ok(html)
+}
+
+fn render(input: &ReportInput, history: &[EpochRecord], has_history: bool) -> String {
+    let m = input.manifest;
+    let s = input.summary;
+    let c = &s.confusion;
+    let (np, nr) = c.negative_precision_recall();
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>fraudstream evaluation: {name}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f4f4f4}}img{{max-width:540px;margin:6px;border:1px solid #eee}}code{{background:#f4f4f4}}</style></head><body>
+<h1>fraudstream evaluation</h1>
+<p>Model <b>{name}</b> version <code>{version}</code> ({params} parameters, window {window}, spec <code>{spec}</code>),
+threshold <b>{thr:.4}</b> chosen on validation by <code>{rule}</code>.<br>Data: {data}.
+Natural prevalence: {n} transactions, {f} frauds ({prev:.3}%); no re-balancing.</p>
+<h2>Headline</h2><table><tr><th>average precision</th><th>ROC AUC</th><th>precision</th><th>recall</th><th>F1</th><th>alert rate</th><th>card precision@100</th></tr>
+<tr><td>{ap:.4}</td><td>{auc:.4}</td><td>{p:.4}</td><td>{r:.4}</td><td>{f1:.4}</td><td>{ar:.4}%</td><td>{cp:.4}</td></tr></table>
+<h2>Classification report</h2><table><tr><th></th><th>precision</th><th>recall</th><th>f1-score</th><th>support</th></tr>
+<tr><th>legitimate</th><td>{np:.4}</td><td>{nr:.4}</td><td>{nf:.4}</td><td>{ns}</td></tr>
+<tr><th>fraud</th><td>{p:.4}</td><td>{r:.4}</td><td>{f1:.4}</td><td>{f}</td></tr></table>
+<h2>Confusion matrix</h2><table><tr><th></th><th>predicted legitimate</th><th>predicted fraud</th></tr>
+<tr><th>actual legitimate</th><td>{tn}</td><td>{fp}</td></tr><tr><th>actual fraud</th><td>{fn_}</td><td>{tp}</td></tr></table>
+<h2>Plots</h2>
+<img src="class_distribution.png" alt="class distribution"><img src="pr_curve.png" alt="precision-recall curve">
+<img src="roc_curve.png" alt="ROC curve"><img src="confusion_matrix.png" alt="confusion matrix">
+<img src="score_histograms.png" alt="score histograms"><img src="card_precision_daily.png" alt="card precision per day">
+"#,
+        name = esc(&m.name),
+        version = esc(&m.version),
+        params = m.parameters,
+        window = m.window,
+        spec = esc(&m.spec.name),
+        thr = m.threshold.value,
+        rule = esc(&serde_json::to_string(&m.threshold.rule).unwrap_or_default()),
+        data = esc(&input.data_label),
+        n = s.transactions,
+        f = s.frauds,
+        prev = 100.0 * s.frauds as f64 / s.transactions.max(1) as f64,
+        ap = s.average_precision,
+        auc = s.roc_auc,
+        p = s.precision,
+        r = s.recall,
+        f1 = s.f1,
+        ar = 100.0 * s.alert_rate,
+        cp = s.card_precision_at_100,
+        nf = metrics::f1(np, nr),
+        ns = c.tn + c.fp,
+        tn = c.tn,
+        fp = c.fp,
+        fn_ = c.fn_,
+        tp = c.tp,
+    );
+    if has_history {
+        h.push_str(r#"<img src="training_curves.png" alt="training curves"><h2>Training history</h2><table><tr><th>epoch</th><th>loss</th><th>validation AP</th><th>precision</th><th>recall</th><th>windows/s</th><th>seconds</th></tr>"#);
+        for e in history {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.5}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.0}</td><td>{:.0}</td></tr>",
+                e.epoch,
+                e.loss,
+                e.valid_ap,
+                e.valid_precision,
+                e.valid_recall,
+                e.windows_per_s,
+                e.seconds
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("<h2>Card precision@100 per day</h2><table><tr><th>day</th><th>card precision@100</th></tr>");
+    for (d, p) in input.daily {
+        let day = chrono::DateTime::from_timestamp(d * 86_400, 0)
+            .map_or(d.to_string(), |t| t.format("%Y-%m-%d").to_string());
+        let _ = write!(h, "<tr><td>{day}</td><td>{p:.2}</td></tr>");
+    }
+    h.push_str("</table></body></html>\n");
+    h
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
