@@ -24,4 +24,5 @@ pub mod observe;
 pub mod report;
 pub mod schema;
 pub mod sim;
+pub mod stream;
 pub mod train;

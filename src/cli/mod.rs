@@ -1,7 +1,9 @@
 //! Command-line definitions (clap) and the glue from each subcommand to the library.
 
+mod bench;
 mod data;
 mod evaluate;
+mod serve;
 mod simulate;
 mod train;
 mod validate;
@@ -10,7 +12,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use bench::BenchArgs;
 pub use evaluate::EvaluateArgs;
+pub use serve::ServeArgs;
 pub use simulate::SimulateArgs;
 pub use train::TrainArgs;
 pub use validate::{SpecArgs, ValidateArgs};
@@ -33,6 +37,10 @@ pub enum Command {
     Train(TrainArgs),
     /// Score a labelled file with a model bundle at natural prevalence; metrics and HTML report.
     Evaluate(EvaluateArgs),
+    /// Run the detector: score transactions card by card and publish alerts.
+    Serve(ServeArgs),
+    /// Measure inference and end-to-end throughput.
+    Bench(BenchArgs),
     /// Check a CSV/JSONL file against a feature spec and report the first bad rows.
     Validate(ValidateArgs),
     /// Print a feature spec (a preset or a TOML file) as TOML, to start a custom one.
@@ -45,6 +53,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => simulate::run(args),
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Spec(args) => validate::print_spec(args),
     }

@@ -203,6 +203,30 @@ impl CardStore {
         self.builder.observe(&mut card, tx)
     }
 
+    /// Like [`CardStore::observe`], also returning the window's transaction ids aligned with its
+    /// rows (None for padding), so an alert can name the transactions the model attended to.
+    pub fn observe_with_ids(
+        &self,
+        tx: &Transaction,
+    ) -> Option<(WindowSample, Vec<Option<String>>)> {
+        let mut card = self
+            .cards
+            .entry(tx.key.clone())
+            .or_insert_with(|| self.builder.new_card());
+        match self.builder.observe(&mut card, tx) {
+            Observed::Window(w) => {
+                let ids = card
+                    .window
+                    .padded_ids()
+                    .into_iter()
+                    .map(|id| id.map(str::to_string))
+                    .collect();
+                Some((w, ids))
+            }
+            Observed::Duplicate => None,
+        }
+    }
+
     /// Live cards.
     pub fn len(&self) -> usize {
         self.cards.len()

@@ -171,9 +171,48 @@ impl Bundle {
         })
     }
 
-    /// Loads and verifies a bundle.
+    /// Loads and verifies a bundle directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, BundleError> {
-        let manifest = Self::read_manifest(dir)?;
+        let mpath = dir.join(BUNDLE_MANIFEST);
+        let text = std::fs::read_to_string(&mpath).map_err(|source| BundleError::Io {
+            path: mpath.clone(),
+            source,
+        })?;
+        let wpath = dir.join(BUNDLE_WEIGHTS);
+        let bytes = std::fs::read(&wpath).map_err(|source| BundleError::Io {
+            path: wpath.clone(),
+            source,
+        })?;
+        Self::from_parts(dir, &text, &bytes, device)
+    }
+
+    /// The default model (`models/default`), compiled into the binary so `serve` and `demo`
+    /// work from any directory.
+    pub fn embedded_default(device: &Device) -> Result<Self, BundleError> {
+        const MANIFEST: &str = include_str!("../../models/default/manifest.json");
+        const WEIGHTS: &[u8] = include_bytes!("../../models/default/model.safetensors");
+        Self::from_parts(
+            Path::new("<built-in models/default>"),
+            MANIFEST,
+            WEIGHTS,
+            device,
+        )
+    }
+
+    /// Verifies a manifest and weights and builds the model; `dir` only labels errors.
+    pub fn from_parts(
+        dir: &Path,
+        manifest_text: &str,
+        bytes: &[u8],
+        device: &Device,
+    ) -> Result<Self, BundleError> {
+        let mpath = dir.join(BUNDLE_MANIFEST);
+        let wpath = dir.join(BUNDLE_WEIGHTS);
+        let manifest: Manifest =
+            serde_json::from_str(manifest_text).map_err(|source| BundleError::Manifest {
+                path: mpath,
+                source,
+            })?;
         let mismatch = |reason: String| BundleError::Mismatch {
             path: dir.to_path_buf(),
             reason,
@@ -184,12 +223,7 @@ impl Bundle {
                 manifest.format
             )));
         }
-        let wpath = dir.join(BUNDLE_WEIGHTS);
-        let bytes = std::fs::read(&wpath).map_err(|source| BundleError::Io {
-            path: wpath.clone(),
-            source,
-        })?;
-        let actual = sha256_hex(&bytes);
+        let actual = sha256_hex(bytes);
         if actual != manifest.weights_sha256 {
             return Err(BundleError::Checksum {
                 path: wpath,
@@ -222,7 +256,7 @@ impl Bundle {
             path: wpath.clone(),
             source,
         };
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(weights_err)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(weights_err)?;
         let count: usize = tensors.values().map(Tensor::elem_count).sum();
         if count != arch.parameter_count() {
             return Err(mismatch(format!(
@@ -238,6 +272,14 @@ impl Bundle {
             model,
             fast,
         })
+    }
+
+    /// Loads `dir`, or the built-in default model when None.
+    pub fn load_or_default(dir: Option<&Path>, device: &Device) -> Result<Self, BundleError> {
+        match dir {
+            Some(d) => Self::load(d, device),
+            None => Self::embedded_default(device),
+        }
     }
 
     /// The window recipe (spec, scaler, length) this model was trained with.

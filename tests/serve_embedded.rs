@@ -1,0 +1,248 @@
+//! `fraudstream serve` with the embedded file/stdin transport.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use common::{fraudstream, simulate};
+use serde_json::Value;
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn serve(input: &Path, dir: &Path, extra: &[&str]) -> (Vec<Value>, Vec<Value>, Vec<Value>, String) {
+    let (alerts, scores, dead) = (
+        dir.join("alerts.jsonl"),
+        dir.join("scores.jsonl"),
+        dir.join("dead.jsonl"),
+    );
+    let out = fraudstream()
+        .arg("serve")
+        .arg("--input")
+        .arg(format!("file:{}", input.display()))
+        .arg("--output")
+        .arg(format!("file:{}", alerts.display()))
+        .arg("--scores-output")
+        .arg(format!("file:{}", scores.display()))
+        .arg("--dead-letter-output")
+        .arg(format!("file:{}", dead.display()))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        read_jsonl(&alerts),
+        read_jsonl(&scores),
+        read_jsonl(&dead),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn every_record_is_scored_once_and_alerts_have_the_documented_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "20", "--cards", "300"],
+    );
+    let n = std::fs::read_to_string(&input).unwrap().lines().count();
+    let (alerts, scores, dead, stderr) = serve(&input, dir.path(), &["--max-batch", "64"]);
+    assert!(dead.is_empty());
+    assert_eq!(scores.len(), n);
+    let ids: HashSet<&str> = scores
+        .iter()
+        .map(|s| s["transaction_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), n, "each transaction scored exactly once");
+    let alerted: Vec<&Value> = scores.iter().filter(|s| s["alert"] == true).collect();
+    assert_eq!(alerted.len(), alerts.len());
+    assert!(
+        !alerts.is_empty(),
+        "20 days of simulated fraud raise some alerts"
+    );
+    let keys: Vec<&str> = alerts[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut expected = vec![
+        "card_id",
+        "detected_at",
+        "event_time",
+        "model",
+        "score",
+        "source",
+        "threshold",
+        "top_attention",
+        "transaction_id",
+        "window_length",
+    ];
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    for a in &alerts {
+        let score = a["score"].as_f64().unwrap();
+        assert!(score >= a["threshold"].as_f64().unwrap());
+        let len = a["window_length"].as_u64().unwrap();
+        assert!((1..=30).contains(&len));
+        let top = a["top_attention"].as_array().unwrap();
+        assert!(!top.is_empty() && top.len() <= 3);
+        let total: f64 = top.iter().map(|t| t["weight"].as_f64().unwrap()).sum();
+        assert!(total <= 1.0 + 1e-5);
+        for t in top {
+            assert!(
+                t["age"].as_u64().unwrap() < len,
+                "attention only on real transactions"
+            );
+            assert!(t["transaction_id"].is_string());
+        }
+        assert_eq!(a["model"]["name"], "attention-lstm");
+        assert_eq!(a["model"]["sha256"].as_str().unwrap().len(), 64);
+        assert!(a["source"]["offset"].as_i64().unwrap() >= 1);
+    }
+    assert!(
+        stderr.contains(&format!("scored {n} transactions")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_records_are_dead_lettered_and_later_records_still_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "3", "--cards", "100"],
+    );
+    let lines: Vec<String> = std::fs::read_to_string(&good)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut bytes = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if i == 2 {
+            bytes.extend_from_slice(b"{\"transaction_id\": 1\n");
+            bytes.extend_from_slice(b"{\"transaction_id\":\"x\",\"ts\":1522540900,\"card_id\":\"7\",\"amount\":\"NaN\"}\n");
+            bytes.extend_from_slice(b"\xff\xfe\x00binary\n");
+            bytes.extend_from_slice(b"[1,2,3]\n");
+        }
+        bytes.extend_from_slice(l.as_bytes());
+        bytes.push(b'\n');
+    }
+    let input = dir.path().join("mixed.jsonl");
+    std::fs::write(&input, bytes).unwrap();
+    let (_, scores, dead, stderr) = serve(&input, dir.path(), &[]);
+    assert_eq!(scores.len(), lines.len(), "every good record is scored");
+    let reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "invalid_json",
+            "non_finite",
+            "invalid_json",
+            "not_an_object"
+        ]
+    );
+    assert_eq!(dead[1]["field"], "amount");
+    assert!(
+        dead[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("field `amount`")
+    );
+    assert_eq!(dead[2]["payload_encoding"], "base64");
+    assert_eq!(dead[0]["offset"], 3, "line numbers locate the record");
+    assert!(stderr.contains("4 dead-lettered"), "{stderr}");
+}
+
+#[test]
+fn redelivered_transactions_are_not_scored_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = simulate(dir.path(), "cards.jsonl", &["--days", "2", "--cards", "50"]);
+    let text = std::fs::read_to_string(&good).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // The first ten records delivered again right after themselves.
+    let mut again: Vec<&str> = lines[..10].to_vec();
+    again.extend(&lines[..10]);
+    again.extend(&lines[10..]);
+    let input = dir.path().join("redelivered.jsonl");
+    std::fs::write(&input, again.join("\n")).unwrap();
+    let (_, scores, _, stderr) = serve(&input, dir.path(), &[]);
+    assert_eq!(scores.len(), lines.len());
+    assert!(stderr.contains("10 duplicates"), "{stderr}");
+}
+
+#[test]
+fn serving_scores_equal_offline_evaluation_scores() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(dir.path(), "cards.csv", &["--days", "10", "--cards", "200"]);
+    let (_, scores, _, _) = serve(&input, dir.path(), &["--max-batch", "7"]);
+    let offline = dir.path().join("offline.csv");
+    fraudstream()
+        .args([
+            "evaluate",
+            "--model",
+            "models/default",
+            "--no-report",
+            "--data",
+        ])
+        .arg(&input)
+        .arg("--scores-out")
+        .arg(&offline)
+        .assert()
+        .success();
+    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[3].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(expected.len(), scores.len());
+    for s in &scores {
+        let id = s["transaction_id"].as_str().unwrap();
+        let online = s["score"].as_f64().unwrap();
+        assert!(
+            (online - expected[id]).abs() < 2e-6,
+            "{id}: {online} vs {}",
+            expected[id]
+        );
+    }
+}
+
+#[test]
+fn stdin_to_stdout_works_for_scripts() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "12", "--cards", "300"],
+    );
+    let out = fraudstream()
+        .args(["serve", "--input", "-", "--output", "-"])
+        .pipe_stdin(&input)
+        .unwrap()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let alerts: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(alerts.iter().all(|a| a["source"]["topic"] == "stdin"));
+}
