@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -12,10 +12,12 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
+use super::demo::replay_simulation;
+use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel};
-use crate::schema::Format;
-use crate::sim::{SimConfig, SimWriter, Simulator};
-use crate::stream::{BatchSettings, Detector, EmbeddedConfig, Endpoint, run_embedded};
+use crate::sim::{SimConfig, Simulator};
+use crate::stream::kafka::ensure_topics;
+use crate::stream::{BatchSettings, Detector, KafkaSettings, run_kafka};
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -27,8 +29,15 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
     /// Days of simulated traffic for the end-to-end run (5,000 cards, ~9,900 transactions a day).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub days: u32,
+    /// Produce the end-to-end traffic at this many transactions per second (0: as fast as
+    /// possible, which measures throughput but makes latency mostly queueing).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Use this broker for the end-to-end run instead of the embedded one.
+    #[arg(long)]
+    pub brokers: Option<String>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -74,34 +83,85 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         inference.insert(batch.to_string(), json!(rate.round()));
     }
-    // End to end through the embedded transport: simulated JSONL in, alerts out.
-    let dir = tempfile_dir()?;
-    let input = dir.join("bench.jsonl");
-    let sim = Simulator::new(SimConfig {
+    let per_card = memory_per_card(&bundle, 50_000);
+    if !args.json {
+        match per_card {
+            Some(b) => println!(
+                "card state: {b:.0} bytes per card with a full 30-transaction window (RSS growth over 50,000 cards)"
+            ),
+            None => println!("card state: RSS not readable on this platform"),
+        }
+    }
+    // End to end through a broker: simulated traffic produced at --rate while the detector
+    // consumes it; latency is from each message's Kafka timestamp to its decision.
+    let (mock, brokers) = match args.brokers.clone() {
+        Some(b) => (None, b),
+        None => {
+            let cluster =
+                rdkafka::mocking::MockCluster::new(1).context("starting the embedded broker")?;
+            let b = cluster.bootstrap_servers();
+            (Some(cluster), b)
+        }
+    };
+    let suffix = std::process::id();
+    let (input, alerts) = (
+        format!("bench-transactions-{suffix}"),
+        format!("bench-alerts-{suffix}"),
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default()));
+    let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()
-    });
-    let mut w = SimWriter::new(std::fs::File::create(&input)?, Format::Jsonl, 5_000)?;
-    for day in sim {
-        w.write_day(&day)?;
-    }
-    let transactions = w.finish()?.transactions;
-    let detector = Arc::new(Detector::new(&bundle, 1 << 20));
-    let cfg = EmbeddedConfig {
-        input: Endpoint::File(input),
-        format: Some(Format::Jsonl),
-        alerts: Endpoint::File(dir.join("alerts.jsonl")),
-        scores: None,
-        dead_letters: None,
-        batch: BatchSettings {
-            max_batch: 256,
-            max_wait: Duration::from_millis(5),
-            queue: 4096,
-        },
     };
-    let rt = tokio::runtime::Runtime::new()?;
-    let stats = rt.block_on(run_embedded(detector, cfg, std::future::pending(), |_| {}))?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let transactions: u64 = Simulator::new(sim.clone()).map(|d| d.len() as u64).sum();
+    let stats = rt.block_on(async {
+        match &mock {
+            Some(cluster) => {
+                cluster.create_topic(&input, 4, 1)?;
+                cluster.create_topic(&alerts, 1, 1)?;
+            }
+            None => ensure_topics(&brokers, &[], &[&input, &alerts], 4).await?,
+        }
+        // Production starts once the detector holds its partitions, so the group join is not
+        // counted as latency.
+        let assigned = Arc::new(tokio::sync::Notify::new());
+        let producer = {
+            let (brokers, input, assigned) = (brokers.clone(), input.clone(), assigned.clone());
+            let rate = (args.rate > 0.0).then_some(args.rate);
+            tokio::spawn(async move {
+                assigned.notified().await;
+                replay_simulation(&brokers, &input, sim, rate).await
+            })
+        };
+        let settings = KafkaSettings {
+            brokers: brokers.clone(),
+            group: format!("bench-{suffix}"),
+            input_topic: input.clone(),
+            alerts_topic: alerts.clone(),
+            scores_topic: None,
+            dead_letter_topic: None,
+            extra: vec![],
+            batch: BatchSettings::default(),
+            on_assigned: Some(assigned),
+        };
+        let done = Arc::new(tokio::sync::Notify::new());
+        let finished = done.clone();
+        let stats = run_kafka(
+            detector,
+            settings,
+            async move { finished.notified().await },
+            |s| {
+                if s.scored + s.invalid >= transactions {
+                    done.notify_one();
+                }
+            },
+        )
+        .await?;
+        producer.await??;
+        Ok::<_, anyhow::Error>(stats)
+    })?;
+    drop(mock);
     anyhow::ensure!(
         stats.scored == transactions,
         "scored {} of {transactions}",
@@ -111,15 +171,22 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "inference_windows_per_s": inference,
         "end_to_end_tx_per_s": stats.throughput().round(),
         "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
-        "end_to_end_transport": "embedded file (simulated JSONL in, alerts JSONL out)",
+        "end_to_end_broker": if args.brokers.is_some() { "external" } else { "embedded (librdkafka mock cluster)" },
+        "end_to_end_rate_limit_per_s": args.rate,
         "transactions": transactions,
+        "memory_per_card_bytes": per_card.map(f64::round),
     });
     if args.json {
         println!("{out}");
     } else {
         println!(
-            "end to end ({} transactions, embedded file transport): {:.0} tx/s, latency p50 {:.2} ms, p99 {:.2} ms",
+            "end to end through the broker ({} transactions produced at {} per second): {:.0} tx/s, latency p50 {:.1} ms, p99 {:.1} ms",
             transactions,
+            if args.rate > 0.0 {
+                args.rate.to_string()
+            } else {
+                "full speed".into()
+            },
             stats.throughput(),
             stats.latency_ms(0.5),
             stats.latency_ms(0.99)
@@ -128,8 +195,40 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("fraudstream-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// Resident set size in bytes (Linux).
+fn rss_bytes() -> Option<f64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096.0)
+}
+
+/// Bytes of resident memory per card once `cards` cards each hold a full window, measured as
+/// RSS growth of a fresh card store (ids like the simulator's).
+fn memory_per_card(bundle: &Bundle, cards: usize) -> Option<f64> {
+    use crate::features::{CardStore, wall_clock};
+    use crate::schema::Transaction;
+    let store = CardStore::with_limits(
+        bundle.window_builder(),
+        StateLimits::default(),
+        wall_clock(),
+    );
+    let window = bundle.manifest.window;
+    let before = rss_bytes()?;
+    let mut id = 0u64;
+    for round in 0..window {
+        for card in 0..cards {
+            id += 1;
+            let tx = Transaction {
+                key: card.to_string(),
+                ts: 1_522_540_800.0 + (round * 3600) as f64,
+                id: Some(id.to_string()),
+                label: None,
+                numeric: vec![42.0],
+                context: vec!["1234".into()],
+            };
+            store.observe(&tx);
+        }
+    }
+    let after = rss_bytes()?;
+    Some((after - before) / cards as f64)
 }

@@ -2,7 +2,9 @@
 
 mod bench;
 mod data;
+mod demo;
 mod evaluate;
+mod replay;
 mod serve;
 mod simulate;
 mod train;
@@ -13,7 +15,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 pub use bench::BenchArgs;
+pub use demo::DemoArgs;
 pub use evaluate::EvaluateArgs;
+pub use replay::ReplayArgs;
 pub use serve::ServeArgs;
 pub use simulate::SimulateArgs;
 pub use train::TrainArgs;
@@ -31,6 +35,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The main job with no set-up: embedded broker, simulated traffic, detector, summary.
+    Demo(DemoArgs),
     /// Generate a seeded synthetic card-transaction stream with fraud (CSV or JSONL).
     Simulate(SimulateArgs),
     /// Train the attention-LSTM on a time-split file and write a model bundle.
@@ -39,6 +45,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Run the detector: score transactions card by card and publish alerts.
     Serve(ServeArgs),
+    /// Produce a file's transactions into a Kafka topic, keyed by card, in time order.
+    Replay(ReplayArgs),
     /// Measure inference and end-to-end throughput.
     Bench(BenchArgs),
     /// Check a CSV/JSONL file against a feature spec and report the first bad rows.
@@ -50,10 +58,12 @@ pub enum Command {
 /// Runs the parsed command; the exit code says whether it succeeded.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Replay(args) => replay::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Validate(args) => validate::run(args),
         Command::Spec(args) => validate::print_spec(args),

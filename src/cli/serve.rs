@@ -1,4 +1,4 @@
-//! `fraudstream serve` (embedded file/stdin transport).
+//! `fraudstream serve`: Kafka mode (`--brokers`) or embedded mode (`--input`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,9 +9,12 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 
+use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::schema::Format;
-use crate::stream::{BatchSettings, Detector, EmbeddedConfig, Endpoint, run_embedded};
+use crate::stream::{
+    BatchSettings, Detector, EmbeddedConfig, Endpoint, KafkaSettings, run_embedded, run_kafka,
+};
 
 /// Options of `serve`.
 #[derive(Debug, Args)]
@@ -19,19 +22,40 @@ pub struct ServeArgs {
     /// Model bundle directory (default: the built-in `models/default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Transactions to score: `file:PATH` (JSONL or CSV) or `-` (JSONL on stdin).
+    /// Embedded mode: transactions from `file:PATH` (JSONL or CSV) or `-` (JSONL on stdin).
+    #[arg(long, conflicts_with = "brokers", required_unless_present = "brokers")]
+    pub input: Option<Endpoint>,
+    /// Kafka mode: bootstrap servers (`host:port,...`).
     #[arg(long)]
-    pub input: Endpoint,
+    pub brokers: Option<String>,
+    /// Kafka consumer group.
+    #[arg(long, default_value = "fraudstream")]
+    pub group: String,
+    /// Kafka topic of transactions (JSON).
+    #[arg(long, default_value = "transactions")]
+    pub input_topic: String,
+    /// Kafka topic for alerts (keyed by card id).
+    #[arg(long, default_value = "alerts")]
+    pub alerts_topic: String,
+    /// Kafka topic for every score (optional).
+    #[arg(long)]
+    pub scores_topic: Option<String>,
+    /// Kafka topic for dead letters (optional; they are always counted and logged).
+    #[arg(long)]
+    pub dead_letter_topic: Option<String>,
+    /// Any librdkafka setting, `key=value`, applied last (SASL, TLS, timeouts); repeatable.
+    #[arg(long = "kafka", value_parser = crate::stream::kafka::parse_kafka_setting)]
+    pub kafka: Vec<(String, String)>,
     /// Input format; by default from the file extension (stdin: JSONL).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Where alerts go, as JSONL: `file:PATH` or `-` (stdout).
+    /// Embedded mode: where alerts go, as JSONL: `file:PATH` or `-` (stdout).
     #[arg(long, default_value = "-")]
     pub output: Endpoint,
-    /// Also write every score, as JSONL.
+    /// Embedded mode: also write every score, as JSONL.
     #[arg(long)]
     pub scores_output: Option<Endpoint>,
-    /// Write dead letters (bad records) as JSONL; they are always counted and logged.
+    /// Embedded mode: write dead letters (bad records) as JSONL.
     #[arg(long)]
     pub dead_letter_output: Option<Endpoint>,
     /// Score a batch when this many windows wait...
@@ -43,6 +67,12 @@ pub struct ServeArgs {
     /// Capacity of the queues between stages (back-pressure beyond it).
     #[arg(long, default_value_t = 4096)]
     pub queue: usize,
+    /// Keep at most this many cards' windows; the least recently seen beyond it are evicted.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_cards: usize,
+    /// Evict a card not seen for this many seconds (default 30 days).
+    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    pub card_ttl_s: u64,
     /// Larger messages are dead-lettered without parsing.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_message_bytes: usize,
@@ -84,21 +114,46 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         threshold = bundle.threshold(),
         "model loaded"
     );
-    let detector = Arc::new(Detector::new(&bundle, args.max_message_bytes));
-    let cfg = EmbeddedConfig {
-        input: args.input,
-        format: args.format,
-        alerts: args.output,
-        scores: args.scores_output,
-        dead_letters: args.dead_letter_output,
-        batch: BatchSettings {
-            max_batch: args.max_batch,
-            max_wait: Duration::from_millis(args.max_wait_ms),
-            queue: args.queue,
-        },
+    let limits = StateLimits {
+        max_cards: args.max_cards,
+        idle_ttl_ms: args.card_ttl_s.saturating_mul(1000),
+    };
+    let detector = Arc::new(Detector::new(&bundle, args.max_message_bytes, limits));
+    let batch = BatchSettings {
+        max_batch: args.max_batch,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        queue: args.queue,
     };
     let rt = tokio::runtime::Runtime::new()?;
-    let stats = rt.block_on(run_embedded(detector, cfg, shutdown_signal(), |_| {}))?;
+    let stats = match (args.input, args.brokers) {
+        (Some(input), _) => {
+            let cfg = EmbeddedConfig {
+                input,
+                format: args.format,
+                alerts: args.output,
+                scores: args.scores_output,
+                dead_letters: args.dead_letter_output,
+                batch,
+            };
+            rt.block_on(run_embedded(detector, cfg, shutdown_signal(), |_| {}))?
+        }
+        (None, Some(brokers)) => {
+            let settings = KafkaSettings {
+                brokers,
+                group: args.group,
+                input_topic: args.input_topic,
+                alerts_topic: args.alerts_topic,
+                scores_topic: args.scores_topic,
+                dead_letter_topic: args.dead_letter_topic,
+                extra: args.kafka,
+                batch,
+                on_assigned: None,
+            };
+            tracing::info!(brokers = %settings.brokers, group = %settings.group, topic = %settings.input_topic, "consuming");
+            rt.block_on(run_kafka(detector, settings, shutdown_signal(), |_| {}))?
+        }
+        (None, None) => anyhow::bail!("give --input (embedded mode) or --brokers (Kafka mode)"),
+    };
     eprintln!("{}", stats.summary());
     Ok(ExitCode::SUCCESS)
 }

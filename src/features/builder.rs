@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use dashmap::DashMap;
 
 use super::featurizer::{CardHistory, Featurizer};
@@ -20,6 +23,8 @@ pub struct CardState {
     pub history: CardHistory,
     /// The last N scaled feature vectors.
     pub window: Window,
+    /// When the card was last seen online (clock milliseconds), for idle eviction.
+    pub last_seen_ms: u64,
 }
 
 /// The window ending with one transaction, ready for the model.
@@ -91,6 +96,7 @@ impl WindowBuilder {
         CardState {
             history: CardHistory::default(),
             window: Window::new(self.window_len, self.width()),
+            last_seen_ms: 0,
         }
     }
 
@@ -171,21 +177,70 @@ pub fn fit_scaler(
     RobustScaler::fit(spec.feature_names(), columns)
 }
 
-/// Online: every live card's state, shared by the consumer tasks.
+/// How much card state the detector keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateLimits {
+    /// At most this many cards; beyond it the least recently seen are evicted.
+    pub max_cards: usize,
+    /// Cards not seen for this long are evicted (milliseconds).
+    pub idle_ttl_ms: u64,
+}
+
+impl Default for StateLimits {
+    fn default() -> Self {
+        StateLimits {
+            max_cards: 1_000_000,
+            idle_ttl_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Milliseconds on some clock: wall time in serving, a hand-moved clock in tests.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The wall clock, in milliseconds since the epoch.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
+}
+
+/// Online: every live card's state, shared by the consumer tasks, bounded by [`StateLimits`].
 ///
 /// Each call locks only its own card's shard entry, and never across an await.
-#[derive(Debug)]
 pub struct CardStore {
     builder: WindowBuilder,
     cards: DashMap<String, CardState>,
+    limits: StateLimits,
+    clock: Clock,
+    evicted: AtomicU64,
+}
+
+impl std::fmt::Debug for CardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CardStore")
+            .field("cards", &self.cards.len())
+            .field("limits", &self.limits)
+            .finish()
+    }
 }
 
 impl CardStore {
-    /// An empty store.
+    /// An empty store with default limits on the wall clock.
     pub fn new(builder: WindowBuilder) -> Self {
+        Self::with_limits(builder, StateLimits::default(), wall_clock())
+    }
+
+    /// An empty store with explicit limits and clock.
+    pub fn with_limits(builder: WindowBuilder, limits: StateLimits, clock: Clock) -> Self {
         CardStore {
             builder,
             cards: DashMap::new(),
+            limits,
+            clock,
+            evicted: AtomicU64::new(0),
         }
     }
 
@@ -196,11 +251,8 @@ impl CardStore {
 
     /// Adds one transaction to its card and returns the window to score.
     pub fn observe(&self, tx: &Transaction) -> Observed {
-        let mut card = self
-            .cards
-            .entry(tx.key.clone())
-            .or_insert_with(|| self.builder.new_card());
-        self.builder.observe(&mut card, tx)
+        self.observe_with_ids(tx)
+            .map_or(Observed::Duplicate, |(w, _)| Observed::Window(w))
     }
 
     /// Like [`CardStore::observe`], also returning the window's transaction ids aligned with its
@@ -209,22 +261,59 @@ impl CardStore {
         &self,
         tx: &Transaction,
     ) -> Option<(WindowSample, Vec<Option<String>>)> {
-        let mut card = self
-            .cards
-            .entry(tx.key.clone())
-            .or_insert_with(|| self.builder.new_card());
-        match self.builder.observe(&mut card, tx) {
-            Observed::Window(w) => {
-                let ids = card
-                    .window
-                    .padded_ids()
-                    .into_iter()
-                    .map(|id| id.map(str::to_string))
-                    .collect();
-                Some((w, ids))
+        let now = (self.clock)();
+        let result = {
+            let mut card = self
+                .cards
+                .entry(tx.key.clone())
+                .or_insert_with(|| self.builder.new_card());
+            card.last_seen_ms = now;
+            match self.builder.observe(&mut card, tx) {
+                Observed::Window(w) => {
+                    let ids = card
+                        .window
+                        .padded_ids()
+                        .into_iter()
+                        .map(|id| id.map(str::to_string))
+                        .collect();
+                    Some((w, ids))
+                }
+                Observed::Duplicate => None,
             }
-            Observed::Duplicate => None,
+        };
+        // Amortised: let the store overshoot by 10% before sweeping inline.
+        if self.cards.len() > self.limits.max_cards + self.limits.max_cards / 10 {
+            self.evict();
         }
+        result
+    }
+
+    /// Evicts idle cards, then the least recently seen ones beyond the cap. Returns how many.
+    pub fn evict(&self) -> usize {
+        let now = (self.clock)();
+        let before = self.cards.len();
+        self.cards
+            .retain(|_, c| now.saturating_sub(c.last_seen_ms) < self.limits.idle_ttl_ms);
+        let excess = self.cards.len().saturating_sub(self.limits.max_cards);
+        if excess > 0 {
+            let mut seen: Vec<(u64, String)> = self
+                .cards
+                .iter()
+                .map(|e| (e.value().last_seen_ms, e.key().clone()))
+                .collect();
+            seen.sort_unstable();
+            for (_, key) in seen.into_iter().take(excess) {
+                self.cards.remove(&key);
+            }
+        }
+        let evicted = before.saturating_sub(self.cards.len());
+        self.evicted.fetch_add(evicted as u64, Ordering::Relaxed);
+        evicted
+    }
+
+    /// Cards evicted so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
     }
 
     /// Live cards.
@@ -294,6 +383,39 @@ mod tests {
             2f32.ln_1p(),
             "gap since the history transaction"
         );
+    }
+
+    #[test]
+    fn idle_cards_expire_and_the_cap_evicts_the_least_recent() {
+        let now = Arc::new(AtomicU64::new(0));
+        let clock: Clock = {
+            let now = now.clone();
+            Arc::new(move || now.load(Ordering::Relaxed))
+        };
+        let limits = StateLimits {
+            max_cards: 3,
+            idle_ttl_ms: 1_000,
+        };
+        let store = CardStore::with_limits(builder(4), limits, clock);
+        for (i, card) in ["a", "b", "c"].iter().enumerate() {
+            now.store(i as u64 * 100, Ordering::Relaxed);
+            store.observe(&tx(card, &format!("t{i}"), i as f64, 1.0));
+        }
+        now.store(1_050, Ordering::Relaxed);
+        assert_eq!(store.evict(), 1, "a is idle past the TTL");
+        now.store(1_060, Ordering::Relaxed);
+        store.observe(&tx("d", "t3", 3.0, 1.0));
+        now.store(1_070, Ordering::Relaxed);
+        store.observe(&tx("e", "t4", 4.0, 1.0));
+        // Four cards exceed the cap of 3: the inline sweep evicts b, the least recently seen.
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.evicted(), 2);
+        assert_eq!(store.evict(), 0, "nothing idle, nothing over the cap");
+        // An evicted card starts over with an empty window.
+        let Observed::Window(w) = store.observe(&tx("b", "t5", 5.0, 1.0)) else {
+            panic!()
+        };
+        assert_eq!(w.len, 1);
     }
 
     #[test]

@@ -9,7 +9,8 @@ mod scaler;
 mod window;
 
 pub use builder::{
-    CardState, CardStore, DEFAULT_WINDOW, Observed, WindowBuilder, WindowSample, fit_scaler,
+    CardState, CardStore, Clock, DEFAULT_WINDOW, Observed, StateLimits, WindowBuilder,
+    WindowSample, fit_scaler, wall_clock,
 };
 pub use featurizer::{CardHistory, Featurizer};
 pub use scaler::{RobustScaler, quantile_sorted};

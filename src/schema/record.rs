@@ -90,6 +90,23 @@ pub struct CsvRow {
     pub cells: csv::StringRecord,
 }
 
+impl CsvRow {
+    /// `(column, cell)` pairs in file order (for turning a row back into an object); a
+    /// repeated column name keeps its first cell, as field lookups do.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        let mut names: Vec<(&str, usize)> = self
+            .header
+            .index
+            .iter()
+            .map(|(k, &i)| (k.as_str(), i))
+            .collect();
+        names.sort_by_key(|&(_, i)| i);
+        names
+            .into_iter()
+            .map(|(k, i)| (k, self.cells.get(i).unwrap_or("")))
+    }
+}
+
 impl Record for CsvRow {
     fn field(&self, name: &str) -> Field<'_> {
         match self.header.index.get(name).and_then(|&i| self.cells.get(i)) {

@@ -9,7 +9,7 @@ use super::records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, ScoreRecord, Source, now_rfc3339,
     time_rfc3339,
 };
-use crate::features::CardStore;
+use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
 use crate::schema::FeatureSpec;
 
@@ -71,11 +71,11 @@ pub struct Detector {
 
 impl Detector {
     /// A detector for a loaded bundle; larger messages are dead-lettered unparsed.
-    pub fn new(bundle: &Bundle, max_message_bytes: usize) -> Self {
+    pub fn new(bundle: &Bundle, max_message_bytes: usize, limits: StateLimits) -> Self {
         let m = &bundle.manifest;
         Detector {
             spec: m.spec.clone(),
-            store: CardStore::new(bundle.window_builder()),
+            store: CardStore::with_limits(bundle.window_builder(), limits, wall_clock()),
             model: Arc::new(bundle.fast.clone()),
             threshold: m.threshold.value,
             model_ref: ModelRef {
@@ -100,6 +100,16 @@ impl Detector {
     /// Live cards.
     pub fn cards(&self) -> usize {
         self.store.len()
+    }
+
+    /// Evicts idle cards and those beyond the cap; returns how many.
+    pub fn evict(&self) -> usize {
+        self.store.evict()
+    }
+
+    /// Cards evicted so far.
+    pub fn evicted(&self) -> u64 {
+        self.store.evicted()
     }
 
     /// Parses, validates and windows one message. Never panics on input.
@@ -200,4 +210,18 @@ impl Detector {
             source: p.source.clone(),
         }
     }
+}
+
+/// Sweeps idle and excess cards every second until the returned handle is aborted.
+pub fn spawn_evictor(detector: Arc<Detector>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let n = detector.evict();
+            if n > 0 {
+                tracing::debug!(evicted = n, "evicted idle cards");
+            }
+        }
+    })
 }

@@ -15,9 +15,9 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 use super::batcher::{BatchSettings, Outcome, score_loop};
-use super::detector::Detector;
+use super::detector::{Detector, spawn_evictor};
 use super::records::Envelope;
-use super::stats::RunStats;
+use super::stats::{RunStats, latency};
 use crate::schema::Format;
 
 /// Where records come from: `file:PATH` or `-` (stdin).
@@ -194,6 +194,7 @@ pub async fn run_embedded(
         })
     };
     let scorer = tokio::spawn(score_loop(detector.model(), cfg.batch, in_rx, out_tx));
+    let evictor = spawn_evictor(detector.clone());
     let mut alerts = JsonlSink::open(&cfg.alerts)?;
     let mut scores = cfg.scores.as_ref().map(JsonlSink::open).transpose()?;
     let mut dead = cfg.dead_letters.as_ref().map(JsonlSink::open).transpose()?;
@@ -220,7 +221,7 @@ pub async fn run_embedded(
                 if let Some(s) = scores.as_mut() {
                     s.write(&detector.score_record(&d))?;
                 }
-                stats.scored(alerted, d.pending.label, at.elapsed());
+                stats.scored(alerted, d.pending.label, latency(&d.pending, at));
             }
             Outcome::Invalid(letter) => {
                 tracing::warn!(topic = %letter.topic, offset = letter.offset, reason = %letter.reason, "dead-lettered: {}", letter.error);
@@ -245,6 +246,8 @@ pub async fn run_embedded(
     if let Some(s) = dead.as_mut() {
         s.out.flush()?;
     }
+    evictor.abort();
     stats.cards = detector.cards();
+    stats.evicted = detector.evicted();
     Ok(stats)
 }

@@ -7,11 +7,13 @@
 pub mod batcher;
 mod detector;
 pub mod embedded;
+pub mod kafka;
 mod records;
 mod stats;
 
 pub use batcher::{BatchSettings, Outcome};
 pub use detector::{Decision, Detector, Ingested, Pending};
 pub use embedded::{EmbeddedConfig, Endpoint, run_embedded};
+pub use kafka::{KafkaSettings, run_kafka};
 pub use records::{Alert, AttentionRef, DeadLetter, Envelope, ModelRef, ScoreRecord, Source};
 pub use stats::RunStats;

@@ -25,7 +25,9 @@ pub struct RunStats {
     pub false_negatives: u64,
     /// Live cards at the end.
     pub cards: usize,
-    /// Ingest-to-output latency per scored transaction, microseconds.
+    /// Cards evicted (idle past the TTL, or beyond the cap).
+    pub evicted: u64,
+    /// Latency per scored transaction (see [`latency`]), microseconds.
     #[serde(skip)]
     latencies_us: Vec<u32>,
     #[serde(skip)]
@@ -44,6 +46,7 @@ impl RunStats {
             false_positives: 0,
             false_negatives: 0,
             cards: 0,
+            evicted: 0,
             latencies_us: Vec::new(),
             started: Some(Instant::now()),
         }
@@ -112,12 +115,13 @@ impl RunStats {
     /// A one-paragraph summary for people.
     pub fn summary(&self) -> String {
         format!(
-            "scored {} transactions ({} dead-lettered, {} duplicates) for {} cards in {:.1}s: {:.0} tx/s, \
+            "scored {} transactions ({} dead-lettered, {} duplicates) for {} cards ({} evicted) in {:.1}s: {:.0} tx/s, \
              latency p50 {:.1} ms p99 {:.1} ms; {} alerts; against inline labels precision {:.3} recall {:.3} F1 {:.3}",
             self.scored,
             self.invalid,
             self.duplicates,
             self.cards,
+            self.evicted,
             self.elapsed_s(),
             self.throughput(),
             self.latency_ms(0.5),
@@ -133,5 +137,18 @@ impl RunStats {
 impl Default for RunStats {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A decision's latency: from the record's transport timestamp (Kafka's message timestamp; the
+/// read time for files) to now, when its outputs are handed to the producer or written; from
+/// ingestion when the record has no timestamp.
+pub fn latency(p: &super::detector::Pending, ingested: Instant) -> Duration {
+    match p.timestamp_ms {
+        Some(ts) => {
+            let now = chrono::Utc::now().timestamp_millis();
+            Duration::from_millis(now.saturating_sub(ts).max(0) as u64)
+        }
+        None => ingested.elapsed(),
     }
 }

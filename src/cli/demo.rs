@@ -1,0 +1,161 @@
+//! `fraudstream demo`: the whole pipeline with no set-up.
+//!
+//! An embedded Kafka-protocol broker (librdkafka's in-process mock cluster) unless `--brokers`
+//! is given; a few simulated days replayed into the input topic; the detector with the built-in
+//! model consuming it; a live progress line; a summary; exit when everything is scored.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::Args;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::features::StateLimits;
+use crate::model::Bundle;
+use crate::sim::{SimConfig, Simulator};
+use crate::stream::kafka::{client_config, ensure_topics};
+use crate::stream::{BatchSettings, Detector, KafkaSettings, run_kafka};
+
+/// Options of `demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Use this broker instead of the embedded one.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Days of simulated traffic.
+    #[arg(long, default_value_t = 7)]
+    pub days: u32,
+    /// Simulated cards.
+    #[arg(long, default_value_t = 5_000)]
+    pub cards: usize,
+    /// Simulation seed.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let bundle = Bundle::embedded_default(&Device::Cpu).context("loading the built-in model")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    // The mock cluster lives as long as this binding: for the whole demo.
+    let (mock, brokers) = match args.brokers.clone() {
+        Some(b) => (None, b),
+        None => {
+            let cluster =
+                rdkafka::mocking::MockCluster::new(1).context("starting the embedded broker")?;
+            let b = cluster.bootstrap_servers();
+            (Some(cluster), b)
+        }
+    };
+    let suffix = std::process::id();
+    let (input, alerts) = (
+        format!("demo-transactions-{suffix}"),
+        format!("demo-alerts-{suffix}"),
+    );
+    if let Some(cluster) = &mock {
+        cluster.create_topic(&input, 4, 1)?;
+        cluster.create_topic(&alerts, 1, 1)?;
+    }
+    eprintln!(
+        "fraudstream demo: {} broker at {brokers}; model {} {} (threshold {:.3})",
+        if mock.is_some() {
+            "embedded"
+        } else {
+            "external"
+        },
+        bundle.manifest.name,
+        bundle.manifest.version,
+        bundle.threshold()
+    );
+    let stats = rt.block_on(async {
+        if mock.is_none() {
+            ensure_topics(&brokers, &[], &[&input, &alerts], 4).await?;
+        }
+        let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
+        let total = replay_simulation(&brokers, &input, sim, None).await?;
+        eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
+        let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default()));
+        let settings = KafkaSettings {
+            brokers: brokers.clone(),
+            group: format!("demo-{suffix}"),
+            input_topic: input.clone(),
+            alerts_topic: alerts.clone(),
+            scores_topic: None,
+            dead_letter_topic: None,
+            extra: vec![],
+            batch: BatchSettings::default(),
+            on_assigned: None,
+        };
+        let done = Arc::new(tokio::sync::Notify::new());
+        let finished = done.clone();
+        let stats = run_kafka(detector, settings, async move { finished.notified().await }, |s| {
+            eprint!(
+                "\r  scored {:>7}/{total}  {:>6.0} tx/s  alerts {:>5}  precision {:.3}  recall {:.3}   ",
+                s.scored,
+                s.throughput(),
+                s.alerts,
+                s.precision(),
+                s.recall()
+            );
+            let _ = std::io::stderr().flush();
+            if s.scored + s.invalid >= total {
+                done.notify_one();
+            }
+        })
+        .await?;
+        eprintln!();
+        Ok::<_, anyhow::Error>(stats)
+    })?;
+    println!("{}", stats.summary());
+    drop(mock);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Simulates and produces the transactions, keyed by card, in time order, at `rate` per second
+/// (None: as fast as possible). Returns the count.
+pub(crate) async fn replay_simulation(
+    brokers: &str,
+    topic: &str,
+    sim: SimConfig,
+    rate: Option<f64>,
+) -> anyhow::Result<u64> {
+    let producer: FutureProducer = client_config(
+        brokers,
+        &[],
+        &[("linger.ms", "5"), ("enable.idempotence", "true")],
+    )
+    .create()?;
+    let began = tokio::time::Instant::now();
+    let mut pending = Vec::new();
+    let mut total = 0u64;
+    for day in Simulator::new(sim) {
+        for tx in day {
+            if let Some(rate) = rate
+                && total.is_multiple_of(50)
+            {
+                tokio::time::sleep_until(began + Duration::from_secs_f64(total as f64 / rate))
+                    .await;
+            }
+            let payload = serde_json::to_vec(&serde_json::json!({
+                "transaction_id": tx.transaction_id, "ts": tx.ts, "card_id": tx.card_id,
+                "terminal_id": tx.terminal_id, "amount": tx.amount,
+                "is_fraud": u8::from(tx.is_fraud), "scenario": tx.scenario,
+            }))?;
+            let key = tx.card_id.to_string();
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(f) => pending.push(f),
+                Err((e, _)) => anyhow::bail!("producing: {e}"),
+            }
+            total += 1;
+        }
+        for f in pending.drain(..) {
+            f.await?
+                .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(total)
+}

