@@ -180,7 +180,25 @@ impl FastModel {
 
     /// Scores windows (each `window * input` floats, left-padded) with their real lengths.
     /// Returns the scores and, per window, the current transaction's attention weights.
+    /// Batches of 64 or more are split in two halves scored on two threads (windows are
+    /// independent, so the result is the same).
     pub fn predict(&self, windows: &[&[f32]], lens: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
+        if windows.len() < 64 {
+            return self.predict_one_thread(windows, lens);
+        }
+        let half = windows.len() / 2;
+        let (first, second) = std::thread::scope(|scope| {
+            let other = scope.spawn(|| self.predict_one_thread(&windows[half..], &lens[half..]));
+            let first = self.predict_one_thread(&windows[..half], &lens[..half]);
+            (first, other.join().expect("scoring thread panicked"))
+        });
+        let (mut scores, mut attention) = first;
+        scores.extend(second.0);
+        attention.extend(second.1);
+        (scores, attention)
+    }
+
+    fn predict_one_thread(&self, windows: &[&[f32]], lens: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
         let cfg = &self.cfg;
         let (t_len, b, f) = (cfg.window, windows.len(), cfg.input);
         if b == 0 {

@@ -136,6 +136,27 @@ mod tests {
         }
     }
 
+    /// Large batches are split over two threads: same scores as one window at a time.
+    #[test]
+    fn split_batches_score_like_single_windows() {
+        let cfg = ModelConfig::notebook(5, 6);
+        let (_, varmap) = init(&cfg, 8, &Device::Cpu).unwrap();
+        let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let data: Vec<Vec<f32>> = (0..101)
+            .map(|_| (0..6 * 5).map(|_| rng.random_range(-2.0..2.0)).collect())
+            .collect();
+        let lens: Vec<usize> = (0..101).map(|i| 1 + i % 6).collect();
+        let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let (all, att) = fast.predict(&ws, &lens);
+        assert_eq!(all.len(), 101);
+        for i in [0, 50, 51, 100] {
+            let (one, one_att) = fast.predict(&ws[i..=i], &lens[i..=i]);
+            assert!((all[i] - one[0]).abs() < 1e-6, "window {i}");
+            assert_eq!(att[i].len(), one_att[0].len());
+        }
+    }
+
     #[test]
     fn same_seed_same_weights() {
         let cfg = ModelConfig::notebook(5, 4);
