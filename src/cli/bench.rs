@@ -12,12 +12,11 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::demo::replay_simulation;
+use super::demo::{DemoBroker, replay_simulation};
 use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
 use crate::sim::{SimConfig, Simulator};
-use crate::stream::kafka::ensure_topics;
-use crate::stream::{BatchSettings, Detector, KafkaSettings, run_kafka};
+use crate::stream::{Detector, KafkaSettings, run_kafka};
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -99,15 +98,6 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     // End to end through a broker: simulated traffic produced at --rate while the detector
     // consumes it; latency is from each message's Kafka timestamp to its decision.
-    let (mock, brokers) = match args.brokers.clone() {
-        Some(b) => (None, b),
-        None => {
-            let cluster =
-                rdkafka::mocking::MockCluster::new(1).context("starting the embedded broker")?;
-            let b = cluster.bootstrap_servers();
-            (Some(cluster), b)
-        }
-    };
     let suffix = std::process::id();
     let (input, alerts) = (
         format!("bench-transactions-{suffix}"),
@@ -120,14 +110,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         ..SimConfig::default()
     };
     let transactions: u64 = Simulator::new(sim.clone()).map(|d| d.len() as u64).sum();
+    let broker = rt.block_on(DemoBroker::start(args.brokers.clone(), &input, &alerts))?;
+    let brokers = broker.brokers.clone();
     let stats = rt.block_on(async {
-        match &mock {
-            Some(cluster) => {
-                cluster.create_topic(&input, 4, 1)?;
-                cluster.create_topic(&alerts, 1, 1)?;
-            }
-            None => ensure_topics(&brokers, &[], &[&input, &alerts], 4).await?,
-        }
         // Production starts once the detector holds its partitions, so the group join is not
         // counted as latency.
         let assigned = Arc::new(tokio::sync::Notify::new());
@@ -139,17 +124,9 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 replay_simulation(&brokers, &input, sim, rate).await
             })
         };
-        let settings = KafkaSettings {
-            brokers: brokers.clone(),
-            group: format!("bench-{suffix}"),
-            input_topic: input.clone(),
-            alerts_topic: alerts.clone(),
-            scores_topic: None,
-            dead_letter_topic: None,
-            extra: vec![],
-            batch: BatchSettings::default(),
-            on_assigned: Some(assigned),
-        };
+        let mut settings =
+            KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
+        settings.on_assigned = Some(assigned);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
         let stats = run_kafka(
@@ -166,7 +143,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         producer.await??;
         Ok::<_, anyhow::Error>(stats)
     })?;
-    drop(mock);
+    drop(broker);
     anyhow::ensure!(
         stats.scored == transactions,
         "scored {} of {transactions}",

@@ -18,7 +18,7 @@ use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::sim::{SimConfig, Simulator};
 use crate::stream::kafka::{client_config, ensure_topics};
-use crate::stream::{BatchSettings, Detector, KafkaSettings, run_kafka};
+use crate::stream::{Detector, KafkaSettings, run_kafka};
 
 /// Options of `demo`.
 #[derive(Debug, Args)]
@@ -40,28 +40,16 @@ pub struct DemoArgs {
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let bundle = Bundle::embedded_default(&Device::Cpu).context("loading the built-in model")?;
     let rt = tokio::runtime::Runtime::new()?;
-    // The mock cluster lives as long as this binding: for the whole demo.
-    let (mock, brokers) = match args.brokers.clone() {
-        Some(b) => (None, b),
-        None => {
-            let cluster =
-                rdkafka::mocking::MockCluster::new(1).context("starting the embedded broker")?;
-            let b = cluster.bootstrap_servers();
-            (Some(cluster), b)
-        }
-    };
     let suffix = std::process::id();
     let (input, alerts) = (
         format!("demo-transactions-{suffix}"),
         format!("demo-alerts-{suffix}"),
     );
-    if let Some(cluster) = &mock {
-        cluster.create_topic(&input, 4, 1)?;
-        cluster.create_topic(&alerts, 1, 1)?;
-    }
+    let broker = rt.block_on(DemoBroker::start(args.brokers.clone(), &input, &alerts))?;
+    let brokers = broker.brokers.clone();
     eprintln!(
         "fraudstream demo: {} broker at {brokers}; model {} {} (threshold {:.3})",
-        if mock.is_some() {
+        if broker.embedded() {
             "embedded"
         } else {
             "external"
@@ -71,24 +59,11 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         bundle.threshold()
     );
     let stats = rt.block_on(async {
-        if mock.is_none() {
-            ensure_topics(&brokers, &[], &[&input, &alerts], 4).await?;
-        }
         let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
         let total = replay_simulation(&brokers, &input, sim, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
         let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default()));
-        let settings = KafkaSettings {
-            brokers: brokers.clone(),
-            group: format!("demo-{suffix}"),
-            input_topic: input.clone(),
-            alerts_topic: alerts.clone(),
-            scores_topic: None,
-            dead_letter_topic: None,
-            extra: vec![],
-            batch: BatchSettings::default(),
-            on_assigned: None,
-        };
+        let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
         let stats = run_kafka(detector, settings, async move { finished.notified().await }, |s| {
@@ -110,8 +85,52 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(stats)
     })?;
     println!("{}", stats.summary());
-    drop(mock);
+    drop(broker);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The broker of a self-contained run: the one given, or librdkafka's in-process mock cluster,
+/// which lives as long as this value. The input (4 partitions) and alerts topics exist once it
+/// is started.
+pub(crate) struct DemoBroker {
+    mock: Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    /// Bootstrap servers.
+    pub brokers: String,
+}
+
+impl DemoBroker {
+    /// Starts (or connects) and creates the topics.
+    pub(crate) async fn start(
+        brokers: Option<String>,
+        input: &str,
+        alerts: &str,
+    ) -> anyhow::Result<Self> {
+        match brokers {
+            Some(b) => {
+                ensure_topics(&b, &[], &[input, alerts], 4).await?;
+                Ok(DemoBroker {
+                    mock: None,
+                    brokers: b,
+                })
+            }
+            None => {
+                let cluster = rdkafka::mocking::MockCluster::new(1)
+                    .context("starting the embedded broker")?;
+                cluster.create_topic(input, 4, 1)?;
+                cluster.create_topic(alerts, 1, 1)?;
+                let brokers = cluster.bootstrap_servers();
+                Ok(DemoBroker {
+                    mock: Some(cluster),
+                    brokers,
+                })
+            }
+        }
+    }
+
+    /// Whether the broker runs in this process.
+    pub(crate) fn embedded(&self) -> bool {
+        self.mock.is_some()
+    }
 }
 
 /// Simulates and produces the transactions, keyed by card, in time order, at `rate` per second

@@ -46,6 +46,23 @@ pub struct KafkaSettings {
     pub on_assigned: Option<Arc<tokio::sync::Notify>>,
 }
 
+impl KafkaSettings {
+    /// Settings with no scores or dead-letter topic, no overrides and default batching.
+    pub fn new(brokers: &str, group: &str, input_topic: &str, alerts_topic: &str) -> Self {
+        KafkaSettings {
+            brokers: brokers.into(),
+            group: group.into(),
+            input_topic: input_topic.into(),
+            alerts_topic: alerts_topic.into(),
+            scores_topic: None,
+            dead_letter_topic: None,
+            extra: vec![],
+            batch: BatchSettings::default(),
+            on_assigned: None,
+        }
+    }
+}
+
 /// Parses `key=value` (the `--kafka` option).
 pub fn parse_kafka_setting(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
