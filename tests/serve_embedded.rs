@@ -246,3 +246,26 @@ fn stdin_to_stdout_works_for_scripts() {
         .collect();
     assert!(alerts.iter().all(|a| a["source"]["topic"] == "stdin"));
 }
+
+#[test]
+fn oversized_messages_are_dead_lettered_unparsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = simulate(dir.path(), "cards.jsonl", &["--days", "1", "--cards", "50"]);
+    let mut text = std::fs::read_to_string(&good).unwrap();
+    let huge = format!(
+        "{{\"transaction_id\":\"big\",\"note\":\"{}\"}}\n",
+        "x".repeat(5_000)
+    );
+    text.insert_str(0, &huge);
+    let input = dir.path().join("big.jsonl");
+    std::fs::write(&input, &text).unwrap();
+    let (_, scores, dead, _) = serve(&input, dir.path(), &["--max-message-bytes", "1000"]);
+    assert_eq!(scores.len(), text.lines().count() - 1);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["reason"], "oversized");
+    assert_eq!(
+        dead[0]["payload"].as_str().unwrap().len(),
+        1000,
+        "the payload is cut to the limit"
+    );
+}

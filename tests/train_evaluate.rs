@@ -260,6 +260,44 @@ fn train_refuses_a_validation_period_without_fraud() {
 }
 
 #[test]
+fn layer_sizes_are_configurable_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("amounts.csv");
+    amount_fraud_csv(&data);
+    let out = dir.path().join("small");
+    fraudstream()
+        .args([
+            "train",
+            "--window",
+            "4",
+            "--epochs",
+            "1",
+            "--lstm1",
+            "16",
+            "--attention",
+            "8",
+        ])
+        .args(["--lstm2", "8", "--dense", "4", "--dropout", "0", "--data"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .success();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["architecture"]["lstm1"], 16);
+    // 2·4·16·(5+16+1) + 3·(32·8+8) + 4·8·(40+8+1) + (8·4+4) + (4+1)
+    assert_eq!(m["parameters"], 2_816 + 792 + 1_568 + 36 + 5);
+    fraudstream()
+        .args(["evaluate", "--no-report", "--json", "--model"])
+        .arg(&out)
+        .arg("--data")
+        .arg(&data)
+        .assert()
+        .success();
+}
+
+#[test]
 fn training_is_deterministic_for_a_seed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("amounts.csv");

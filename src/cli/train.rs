@@ -52,6 +52,21 @@ pub struct TrainArgs {
     /// Transactions per window.
     #[arg(long, default_value_t = 30)]
     pub window: usize,
+    /// Units per direction of the bidirectional LSTM.
+    #[arg(long, default_value_t = 128)]
+    pub lstm1: usize,
+    /// Width of the attention's query/key/value projections.
+    #[arg(long, default_value_t = 64)]
+    pub attention: usize,
+    /// Units of the second LSTM.
+    #[arg(long, default_value_t = 64)]
+    pub lstm2: usize,
+    /// Units of the dense layer before the output.
+    #[arg(long, default_value_t = 32)]
+    pub dense: usize,
+    /// Dropout after the bidirectional LSTM (training only).
+    #[arg(long, default_value_t = 0.2)]
+    pub dropout: f32,
     /// Maximum epochs.
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
@@ -237,7 +252,22 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     } else {
         ds.valid.clone()
     };
-    let cfg = ModelConfig::notebook(spec.width(), args.window);
+    let cfg = ModelConfig {
+        lstm1: args.lstm1,
+        attention: args.attention,
+        lstm2: args.lstm2,
+        dense: args.dense,
+        dropout: args.dropout,
+        ..ModelConfig::notebook(spec.width(), args.window)
+    };
+    anyhow::ensure!(
+        cfg.lstm1 > 0 && cfg.attention > 0 && cfg.lstm2 > 0 && cfg.dense > 0,
+        "layer sizes must be positive"
+    );
+    anyhow::ensure!(
+        (0.0..1.0).contains(&cfg.dropout),
+        "--dropout must be in [0, 1)"
+    );
     eprintln!(
         "model: {} parameters; early stopping on {} validation windows ({} cards)",
         cfg.parameter_count(),
