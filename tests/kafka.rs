@@ -17,12 +17,45 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
-const GROUP_TIMEOUTS: [&str; 4] = [
+const GROUP_TIMEOUTS: [&str; 6] = [
     "--kafka",
     "session.timeout.ms=6000",
     "--kafka",
     "max.poll.interval.ms=6000",
+    "--http",
+    "127.0.0.1:0",
 ];
+
+/// GET `path` from the detector whose log names its HTTP address; returns (status line, body).
+fn http_get(log: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let addr = log
+        .lines()
+        .find(|l| l.contains("serving /metrics"))
+        .and_then(|l| l.split("bound=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .expect("the detector logs its HTTP address");
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of a metric line (name with labels exactly as written) in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
 
 fn create_topics(topics: &[&str], partitions: i32) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -201,8 +234,44 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     ]);
     let scored = read_topic(&scores, ids.len(), Duration::from_secs(90));
     let dead = read_topic(&dlq, 2, Duration::from_secs(10));
-    // Give the acknowledger a moment to store the last offsets, then stop gracefully.
+    // Give the acknowledger a moment to store the last offsets.
     std::thread::sleep(Duration::from_secs(1));
+    // The HTTP endpoints report what happened.
+    let log = serve.log();
+    assert!(http_get(&log, "/healthz").0.contains("200"));
+    assert!(
+        http_get(&log, "/readyz").0.contains("200"),
+        "partitions are assigned"
+    );
+    let (status, text) = http_get(&log, "/metrics");
+    assert!(status.contains("200"));
+    assert_eq!(
+        metric(&text, "fraudstream_transactions_total{outcome=\"scored\"}") as usize,
+        ids.len()
+    );
+    assert_eq!(
+        metric(&text, "fraudstream_transactions_total{outcome=\"invalid\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "fraudstream_dead_letters_total{reason=\"invalid_json\"}"
+        ),
+        1.0
+    );
+    let alerts_metric = metric(&text, "fraudstream_alerts_total");
+    assert!(metric(&text, "fraudstream_inference_batch_size_count") >= 1.0);
+    assert_eq!(
+        metric(&text, "fraudstream_end_to_end_latency_seconds_count") as usize,
+        ids.len()
+    );
+    assert!(
+        text.contains("fraudstream_model_info{name=\"attention-lstm\""),
+        "{text}"
+    );
+    assert!(text.contains("process_resident_memory_bytes"));
+    // Then stop gracefully.
     let (code, log) = serve.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("offsets"), "{log}");
@@ -229,6 +298,7 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     let n_alerting = scored.iter().filter(|(_, _, v)| v["alert"] == true).count();
     let alert_msgs = read_topic(&alerts, n_alerting, Duration::from_secs(10));
     assert_eq!(alert_msgs.len(), n_alerting);
+    assert_eq!(alerts_metric as usize, n_alerting);
     assert!(n_alerting > 0);
     for (_, _, a) in &alert_msgs {
         assert!(a["score"].as_f64().unwrap() >= a["threshold"].as_f64().unwrap());

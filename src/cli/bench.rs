@@ -15,6 +15,7 @@ use serde_json::json;
 use super::demo::{DemoBroker, replay_simulation};
 use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
+use crate::observe::Metrics;
 use crate::sim::{SimConfig, Simulator};
 use crate::stream::{Detector, KafkaSettings, run_kafka};
 
@@ -104,7 +105,13 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         format!("bench-alerts-{suffix}"),
     );
     let rt = tokio::runtime::Runtime::new()?;
-    let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default()));
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let detector = Arc::new(Detector::new(
+        &bundle,
+        1 << 20,
+        StateLimits::default(),
+        metrics,
+    ));
     let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()

@@ -16,6 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::features::StateLimits;
 use crate::model::Bundle;
+use crate::observe::{Metrics, spawn_server};
 use crate::sim::{SimConfig, Simulator};
 use crate::stream::kafka::{client_config, ensure_topics};
 use crate::stream::{Detector, KafkaSettings, run_kafka};
@@ -35,6 +36,9 @@ pub struct DemoArgs {
     /// Simulation seed.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Serve /metrics, /healthz and /readyz here while the demo runs (skipped if taken).
+    #[arg(long, default_value = "127.0.0.1:9898")]
+    pub http: std::net::SocketAddr,
 }
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -62,7 +66,12 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
         let total = replay_simulation(&brokers, &input, sim, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
-        let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default()));
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+        match spawn_server(args.http, metrics.clone()).await {
+            Ok(addr) => eprintln!("metrics: http://{addr}/metrics"),
+            Err(e) => eprintln!("not serving HTTP on {}: {e}", args.http),
+        }
+        let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default(), metrics));
         let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();

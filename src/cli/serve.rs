@@ -11,6 +11,7 @@ use clap::Args;
 
 use crate::features::StateLimits;
 use crate::model::Bundle;
+use crate::observe::{Metrics, spawn_server};
 use crate::schema::Format;
 use crate::stream::{
     BatchSettings, Detector, EmbeddedConfig, Endpoint, KafkaSettings, run_embedded, run_kafka,
@@ -73,6 +74,9 @@ pub struct ServeArgs {
     /// Evict a card not seen for this many seconds (default 30 days).
     #[arg(long, default_value_t = 30 * 24 * 3600)]
     pub card_ttl_s: u64,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address.
+    #[arg(long, default_value = "127.0.0.1:9898")]
+    pub http: std::net::SocketAddr,
     /// Larger messages are dead-lettered without parsing.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_message_bytes: usize,
@@ -118,13 +122,26 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         max_cards: args.max_cards,
         idle_ttl_ms: args.card_ttl_s.saturating_mul(1000),
     };
-    let detector = Arc::new(Detector::new(&bundle, args.max_message_bytes, limits));
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let detector = Arc::new(Detector::new(
+        &bundle,
+        args.max_message_bytes,
+        limits,
+        metrics.clone(),
+    ));
     let batch = BatchSettings {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),
         queue: args.queue,
     };
     let rt = tokio::runtime::Runtime::new()?;
+    // On Kafka the metrics endpoint is how the detector is watched: failing to serve it is an
+    // error. A file run goes on without it.
+    match (rt.block_on(spawn_server(args.http, metrics)), &args.brokers) {
+        (Ok(_), _) => {}
+        (Err(e), Some(_)) => anyhow::bail!("serving HTTP on {}: {e}", args.http),
+        (Err(e), None) => tracing::warn!("not serving HTTP on {}: {e}", args.http),
+    }
     let stats = match (args.input, args.brokers) {
         (Some(input), _) => {
             let cfg = EmbeddedConfig {

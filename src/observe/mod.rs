@@ -1,4 +1,10 @@
-//! Logging now; Prometheus metrics and the HTTP server belong here too.
+//! Logging, Prometheus metrics and the HTTP server (`/metrics`, `/healthz`, `/readyz`).
+
+pub mod http;
+pub mod metrics;
+
+pub use http::{router, spawn_server};
+pub use metrics::Metrics;
 
 /// Logs to stderr at `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use super::detector::{Decision, Ingested};
 use super::records::{DeadLetter, Source};
 use crate::model::FastModel;
+use crate::observe::Metrics;
 
 /// When a batch is flushed, and how much may wait.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,6 +51,7 @@ pub type Timed<T> = (T, Instant);
 /// flushed.
 pub async fn score_loop(
     model: Arc<FastModel>,
+    metrics: Arc<Metrics>,
     settings: BatchSettings,
     mut rx: mpsc::Receiver<Timed<Ingested>>,
     tx: mpsc::Sender<Timed<Outcome>>,
@@ -74,9 +76,11 @@ pub async fn score_loop(
             }
         }
         let model = model.clone();
+        let began = std::time::Instant::now();
         let outcomes = tokio::task::spawn_blocking(move || score_batch(&model, items))
             .await
             .expect("scoring thread panicked");
+        metrics.batch(windows, began.elapsed());
         for outcome in outcomes {
             if tx.send(outcome).await.is_err() {
                 return;

@@ -11,6 +11,7 @@ use super::records::{
 };
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
+use crate::observe::Metrics;
 use crate::schema::FeatureSpec;
 
 /// A transaction whose window is ready to score.
@@ -67,12 +68,22 @@ pub struct Detector {
     threshold: f64,
     model_ref: ModelRef,
     max_message_bytes: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Detector {
     /// A detector for a loaded bundle; larger messages are dead-lettered unparsed.
-    pub fn new(bundle: &Bundle, max_message_bytes: usize, limits: StateLimits) -> Self {
+    pub fn new(
+        bundle: &Bundle,
+        max_message_bytes: usize,
+        limits: StateLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let m = &bundle.manifest;
+        metrics
+            .model_info
+            .with_label_values(&[&m.name, &m.version, &m.threshold.value.to_string()])
+            .set(1.0);
         Detector {
             spec: m.spec.clone(),
             store: CardStore::with_limits(bundle.window_builder(), limits, wall_clock()),
@@ -84,7 +95,13 @@ impl Detector {
                 sha256: m.weights_sha256.clone(),
             },
             max_message_bytes,
+            metrics,
         }
+    }
+
+    /// The metrics every stage updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The scoring network (shared with the scorer thread).
@@ -219,6 +236,9 @@ pub fn spawn_evictor(detector: Arc<Detector>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             let n = detector.evict();
+            let m = detector.metrics();
+            m.evicted_cards.inc_by(n as u64);
+            m.live_cards.set(detector.cards() as i64);
             if n > 0 {
                 tracing::debug!(evicted = n, "evicted idle cards");
             }

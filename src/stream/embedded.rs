@@ -193,7 +193,14 @@ pub async fn run_embedded(
             })
         })
     };
-    let scorer = tokio::spawn(score_loop(detector.model(), cfg.batch, in_rx, out_tx));
+    let scorer = tokio::spawn(score_loop(
+        detector.model(),
+        detector.metrics().clone(),
+        cfg.batch,
+        in_rx,
+        out_tx,
+    ));
+    detector.metrics().set_ready(true);
     let evictor = spawn_evictor(detector.clone());
     let mut alerts = JsonlSink::open(&cfg.alerts)?;
     let mut scores = cfg.scores.as_ref().map(JsonlSink::open).transpose()?;
@@ -221,16 +228,22 @@ pub async fn run_embedded(
                 if let Some(s) = scores.as_mut() {
                     s.write(&detector.score_record(&d))?;
                 }
-                stats.scored(alerted, d.pending.label, latency(&d.pending, at));
+                let took = latency(&d.pending, at);
+                detector.metrics().scored(alerted, took);
+                stats.scored(alerted, d.pending.label, took);
             }
             Outcome::Invalid(letter) => {
                 tracing::warn!(topic = %letter.topic, offset = letter.offset, reason = %letter.reason, "dead-lettered: {}", letter.error);
                 if let Some(s) = dead.as_mut() {
                     s.write(&letter)?;
                 }
+                detector.metrics().dead_lettered(&letter.reason);
                 stats.invalid += 1;
             }
-            Outcome::Duplicate(_) => stats.duplicates += 1,
+            Outcome::Duplicate(_) => {
+                detector.metrics().duplicate();
+                stats.duplicates += 1;
+            }
         }
         if out_rx.is_empty() {
             alerts.out.flush()?;

@@ -92,6 +92,7 @@ pub fn client_config(
 /// everything this instance acknowledged.
 struct CommitOnRevoke {
     on_assigned: Option<Arc<tokio::sync::Notify>>,
+    metrics: Arc<crate::observe::Metrics>,
 }
 
 impl ClientContext for CommitOnRevoke {}
@@ -112,7 +113,10 @@ impl ConsumerContext for CommitOnRevoke {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Ready while this member holds partitions.
+        let held = consumer.assignment().map_or(0, |a| a.count());
+        self.metrics.set_ready(held > 0);
         if let (Rebalance::Assign(tpl), Some(n)) = (rebalance, &self.on_assigned)
             && tpl.count() > 0
         {
@@ -147,6 +151,7 @@ pub async fn run_kafka(
         )
         .create_with_context(CommitOnRevoke {
             on_assigned: s.on_assigned.clone(),
+            metrics: detector.metrics().clone(),
         })?,
     );
     consumer.subscribe(&[&s.input_topic])?;
@@ -163,7 +168,13 @@ pub async fn run_kafka(
     let (in_tx, in_rx) = mpsc::channel(s.batch.queue);
     let (out_tx, mut out_rx) = mpsc::channel(s.batch.queue);
     let (ack_tx, ack_rx) = mpsc::channel::<Acks>(s.batch.queue);
-    let scorer = tokio::spawn(score_loop(detector.model(), s.batch, in_rx, out_tx));
+    let scorer = tokio::spawn(score_loop(
+        detector.model(),
+        detector.metrics().clone(),
+        s.batch,
+        in_rx,
+        out_tx,
+    ));
     let evictor = spawn_evictor(detector.clone());
     let acker = tokio::spawn(acknowledge(consumer.clone(), ack_rx));
     let stats = Arc::new(Mutex::new(RunStats::new()));
@@ -261,11 +272,12 @@ fn publish(
                     serde_json::to_string(&detector.score_record(&d)).expect("score serialises");
                 send(topic, Some(card), record);
             }
-            stats.lock().expect("stats lock").scored(
-                alerted,
-                d.pending.label,
-                latency(&d.pending, at),
-            );
+            let took = latency(&d.pending, at);
+            detector.metrics().scored(alerted, took);
+            stats
+                .lock()
+                .expect("stats lock")
+                .scored(alerted, d.pending.label, took);
             d.pending.source.clone()
         }
         Outcome::Invalid(letter) => {
@@ -278,6 +290,7 @@ fn publish(
                     serde_json::to_string(&*letter).expect("dead letter serialises"),
                 );
             }
+            detector.metrics().dead_lettered(&letter.reason);
             stats.lock().expect("stats lock").invalid += 1;
             Source {
                 topic: letter.topic.clone(),
@@ -286,6 +299,7 @@ fn publish(
             }
         }
         Outcome::Duplicate(src) => {
+            detector.metrics().duplicate();
             stats.lock().expect("stats lock").duplicates += 1;
             src
         }
