@@ -31,7 +31,7 @@ fn http_get(log: &str, path: &str) -> (String, String) {
     use std::io::{Read, Write};
     let addr = log
         .lines()
-        .find(|l| l.contains("serving /metrics"))
+        .find(|l| l.contains("/metrics") && l.contains("bound="))
         .and_then(|l| l.split("bound=").nth(1))
         .map(|a| a.split_whitespace().next().unwrap().to_string())
         .expect("the detector logs its HTTP address");

@@ -39,6 +39,14 @@ pub struct ReplayArgs {
     /// Create the topic with this many partitions when it does not exist.
     #[arg(long)]
     pub partitions: Option<i32>,
+    /// Publish each transaction's fraud label to this topic, `--label-delay` seconds after the
+    /// transaction, as `{transaction_id, is_fraud, labelled_at}`; the label field is then
+    /// removed from the transactions themselves (as in live traffic).
+    #[arg(long)]
+    pub labels_topic: Option<String>,
+    /// Seconds between a transaction and its label (with `--labels-topic`).
+    #[arg(long, default_value_t = 0.0, requires = "labels_topic")]
+    pub label_delay: f64,
     /// Any librdkafka setting, `key=value`; repeatable.
     #[arg(long = "kafka", value_parser = parse_kafka_setting)]
     pub kafka: Vec<(String, String)>,
@@ -55,11 +63,38 @@ fn cell(v: &str) -> Value {
     }
 }
 
-/// Reads every valid row as (event time, card key, JSON object), sorted by time.
-fn read_sorted(
-    args: &ReplayArgs,
-    spec: &FeatureSpec,
-) -> anyhow::Result<Vec<(f64, String, Vec<u8>)>> {
+/// One transaction to produce.
+struct Row {
+    ts: f64,
+    key: String,
+    payload: Vec<u8>,
+    /// (transaction id, is fraud) when labels go to their own topic.
+    label: Option<(String, bool)>,
+}
+
+/// A label message as the detector's labels topic expects it.
+fn label_message(transaction_id: &str, is_fraud: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "transaction_id": transaction_id,
+        "is_fraud": is_fraud,
+        "labelled_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }))
+    .expect("label serialises")
+}
+
+/// Reads every valid row, sorted by time. With `split_labels`, rows must carry an id and a
+/// label, and the label field leaves the transaction.
+fn read_sorted(args: &ReplayArgs, spec: &FeatureSpec) -> anyhow::Result<Vec<Row>> {
+    let split_labels = args.labels_topic.is_some();
+    if split_labels {
+        anyhow::ensure!(
+            spec.id.is_some() && spec.label.is_some(),
+            "--labels-topic needs a spec with an id and a label field (spec {:?} has id {:?}, label {:?})",
+            spec.name,
+            spec.id,
+            spec.label
+        );
+    }
     let format = args.format.unwrap_or_else(|| Format::from_path(&args.data));
     let mut reader = RecordReader::open(&args.data.to_string_lossy(), format)?;
     reader.check_columns(spec)?;
@@ -69,15 +104,26 @@ fn read_sorted(
         let (line, row) = next?;
         let parsed = row.map_err(|e| e.to_string()).and_then(|r| {
             let tx = r.parse(spec).map_err(|e| e.to_string())?;
-            let obj: Map<String, Value> = match r {
+            let mut obj: Map<String, Value> = match r {
                 RawRow::Json(m) => m,
                 RawRow::Csv(c) => c.fields().map(|(k, v)| (k.to_string(), cell(v))).collect(),
             };
-            Ok((
-                tx.ts,
-                tx.key,
-                serde_json::to_vec(&obj).expect("object serialises"),
-            ))
+            let label = if split_labels {
+                let field = spec.label.as_deref().unwrap_or_default();
+                obj.remove(field);
+                match (tx.id, tx.label) {
+                    (Some(id), Some(l)) => Some((id, l)),
+                    _ => return Err(format!("no transaction id or no `{field}` label")),
+                }
+            } else {
+                None
+            };
+            Ok(Row {
+                ts: tx.ts,
+                key: tx.key,
+                payload: serde_json::to_vec(&obj).expect("object serialises"),
+                label,
+            })
         });
         match parsed {
             Ok(row) => rows.push(row),
@@ -92,8 +138,26 @@ fn read_sorted(
     if bad > 0 {
         eprintln!("skipped {bad} invalid rows");
     }
-    rows.sort_by(|a, b| a.0.total_cmp(&b.0));
+    rows.sort_by(|a, b| a.ts.total_cmp(&b.ts));
     Ok(rows)
+}
+
+/// Hands one record to the producer; its delivery joins `pending`.
+fn send(
+    producer: &FutureProducer,
+    pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let record = FutureRecord::to(topic).key(key).payload(payload);
+    match producer.send_result(record) {
+        Ok(f) => {
+            pending.push(f);
+            Ok(())
+        }
+        Err((e, _)) => anyhow::bail!("producing to {topic}: {e}"),
+    }
 }
 
 pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -105,7 +169,9 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         if let Some(p) = args.partitions {
-            ensure_topics(&args.brokers, &args.kafka, &[&args.topic], p).await?;
+            let mut topics = vec![args.topic.as_str()];
+            topics.extend(args.labels_topic.as_deref());
+            ensure_topics(&args.brokers, &args.kafka, &topics, p).await?;
         }
         let producer: FutureProducer = client_config(
             &args.brokers,
@@ -120,18 +186,33 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         .context("creating the producer")?;
         let bar = super::progress(rows.len() as u64, "messages");
         let began = Instant::now();
+        let delay = Duration::from_secs_f64(args.label_delay.max(0.0));
+        // Labels wait here, in the order they fall due, until `delay` after their transaction.
+        let mut labels: std::collections::VecDeque<(Instant, String, Vec<u8>)> = Default::default();
         let mut pending = Vec::with_capacity(10_000);
-        for (i, (_, key, payload)) in rows.iter().enumerate() {
+        let mut labelled = 0usize;
+        for (i, row) in rows.iter().enumerate() {
             if let Some(rate) = args.rate {
                 let due = began + Duration::from_secs_f64(i as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
             }
-            let record = FutureRecord::to(&args.topic)
-                .key(key.as_str())
-                .payload(payload.as_slice());
-            match producer.send_result(record) {
-                Ok(f) => pending.push(f),
-                Err((e, _)) => anyhow::bail!("producing message {i}: {e}"),
+            send(&producer, &mut pending, &args.topic, &row.key, &row.payload)?;
+            if let Some((id, is_fraud)) = &row.label {
+                labels.push_back((
+                    Instant::now() + delay,
+                    row.key.clone(),
+                    label_message(id, *is_fraud),
+                ));
+            }
+            if let Some(lt) = &args.labels_topic {
+                while labels
+                    .front()
+                    .is_some_and(|(due, _, _)| *due <= Instant::now())
+                {
+                    let (_, key, payload) = labels.pop_front().expect("front exists");
+                    send(&producer, &mut pending, lt, &key, &payload)?;
+                    labelled += 1;
+                }
             }
             if pending.len() >= 10_000 || args.rate.is_some() {
                 for f in pending.drain(..) {
@@ -140,6 +221,14 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             bar.set_position(i as u64 + 1);
+        }
+        if let Some(lt) = &args.labels_topic {
+            bar.set_message("waiting to publish the remaining labels");
+            for (due, key, payload) in labels.drain(..) {
+                tokio::time::sleep_until(due.into()).await;
+                send(&producer, &mut pending, lt, &key, &payload)?;
+                labelled += 1;
+            }
         }
         for f in pending.drain(..) {
             f.await?
@@ -154,6 +243,12 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             began.elapsed().as_secs_f64(),
             rows.len() as f64 / began.elapsed().as_secs_f64().max(1e-9)
         );
+        if let Some(lt) = &args.labels_topic {
+            eprintln!(
+                "published {labelled} labels to {lt}, each {:.1}s after its transaction",
+                delay.as_secs_f64()
+            );
+        }
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)

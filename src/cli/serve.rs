@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::features::StateLimits;
 use crate::model::Bundle;
-use crate::observe::{Metrics, spawn_server};
+use crate::observe::{Metrics, QualitySettings, spawn_server};
 use crate::schema::Format;
 use crate::stream::{
     BatchSettings, Detector, EmbeddedConfig, Endpoint, KafkaSettings, run_embedded, run_kafka,
@@ -44,6 +44,16 @@ pub struct ServeArgs {
     /// Kafka topic for dead letters (optional; they are always counted and logged).
     #[arg(long)]
     pub dead_letter_topic: Option<String>,
+    /// Kafka topic of fraud labels, JSON `{transaction_id, is_fraud, labelled_at}`, joined to
+    /// remembered scores for live precision and recall (inline labels always count).
+    #[arg(long, conflicts_with = "input")]
+    pub labels_topic: Option<String>,
+    /// Remember scores for labels for this many seconds (default one day).
+    #[arg(long, default_value_t = 24 * 3600)]
+    pub label_ttl_s: u64,
+    /// Remember at most this many scores for labels (the oldest are forgotten first).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_remembered_scores: usize,
     /// Any librdkafka setting, `key=value`, applied last (SASL, TLS, timeouts); repeatable.
     #[arg(long = "kafka", value_parser = crate::stream::kafka::parse_kafka_setting)]
     pub kafka: Vec<(String, String)>,
@@ -74,7 +84,7 @@ pub struct ServeArgs {
     /// Evict a card not seen for this many seconds (default 30 days).
     #[arg(long, default_value_t = 30 * 24 * 3600)]
     pub card_ttl_s: u64,
-    /// Serve /metrics (Prometheus), /healthz and /readyz on this address.
+    /// Serve the dashboard (/), /metrics (Prometheus), /healthz and /readyz on this address.
     #[arg(long, default_value = "127.0.0.1:9898")]
     pub http: std::net::SocketAddr,
     /// Larger messages are dead-lettered without parsing.
@@ -123,12 +133,14 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         idle_ttl_ms: args.card_ttl_s.saturating_mul(1000),
     };
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let detector = Arc::new(Detector::new(
-        &bundle,
-        args.max_message_bytes,
-        limits,
-        metrics.clone(),
-    ));
+    let mut detector = Detector::new(&bundle, args.max_message_bytes, limits, metrics.clone());
+    if args.labels_topic.is_some() {
+        detector = detector.with_label_memory(QualitySettings {
+            max_scores: args.max_remembered_scores,
+            ttl_ms: i64::try_from(args.label_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+        });
+    }
+    let detector = Arc::new(detector);
     let batch = BatchSettings {
         max_batch: args.max_batch,
         max_wait: Duration::from_millis(args.max_wait_ms),
@@ -162,6 +174,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 alerts_topic: args.alerts_topic,
                 scores_topic: args.scores_topic,
                 dead_letter_topic: args.dead_letter_topic,
+                labels_topic: args.labels_topic,
                 extra: args.kafka,
                 batch,
                 on_assigned: None,

@@ -1,5 +1,6 @@
-//! The HTTP server: `/metrics` (Prometheus text), `/healthz` (process alive), `/readyz` (model
-//! loaded and, on Kafka, partitions assigned).
+//! The HTTP server: the dashboard (`/`, fed by `/api/dashboard`), `/metrics` (Prometheus
+//! text), `/healthz` (process alive), `/readyz` (model loaded and, on Kafka, partitions
+//! assigned).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +20,26 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
+/// The dashboard page: one self-contained file compiled in (no build step, no CDN).
+const DASHBOARD_HTML: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD_HTML,
+    )
+}
+
+async fn dashboard_data(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(m.recent.snapshot(&m)),
+    )
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -34,21 +55,25 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
 /// The routes, for serving or testing.
 pub fn router(m: Arc<Metrics>) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/api/dashboard", get(dashboard_data))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(m)
 }
 
-/// Binds `addr` and serves until the runtime stops; returns the bound address (port 0 picks one).
+/// Binds `addr` and serves until the runtime stops (sampling the dashboard's series meanwhile);
+/// returns the bound address (port 0 picks one).
 pub async fn spawn_server(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
+    super::dashboard::spawn_sampler(m.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(m)).await {
             tracing::error!("http server: {e}");
         }
     });
-    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    tracing::info!(%bound, "serving the dashboard (/), /metrics, /healthz, /readyz");
     Ok(bound)
 }

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 /// Every metric the detector exports.
@@ -34,6 +35,26 @@ pub struct Metrics {
     pub model_info: GaugeVec,
     /// 1 once the detector can work (model loaded; Kafka partitions assigned).
     pub ready: Gauge,
+    /// Messages behind the partition's high watermark, from librdkafka's statistics.
+    pub consumer_lag: IntGaugeVec,
+    /// Labels received, by source: topic or inline.
+    pub labels: IntCounterVec,
+    /// Labels whose score is not remembered (expired, another instance's, never scored).
+    pub labels_unmatched: IntCounter,
+    /// Joined labels by model version and outcome (true/false positive/negative).
+    pub label_outcomes: IntCounterVec,
+    /// From the decision to its label's arrival.
+    pub label_delay_seconds: Histogram,
+    /// Precision of labelled decisions over a sliding window (5m, 1h).
+    pub live_precision: GaugeVec,
+    /// Recall over a sliding window.
+    pub live_recall: GaugeVec,
+    /// F1 over a sliding window.
+    pub live_f1: GaugeVec,
+    /// Scores waiting for their labels.
+    pub remembered_scores: IntGauge,
+    /// The latest alerts and sampled time series behind the dashboard.
+    pub recent: std::sync::Arc<super::dashboard::Recent>,
     ready_flag: std::sync::Arc<AtomicBool>,
 }
 
@@ -93,6 +114,57 @@ impl Metrics {
             &["name", "version", "threshold"],
         )?;
         let ready = Gauge::new("fraudstream_ready", "1 when the detector can work")?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "fraudstream_consumer_lag",
+                "Messages behind the partition's high watermark (librdkafka statistics)",
+            ),
+            &["topic", "partition"],
+        )?;
+        let labels = IntCounterVec::new(
+            Opts::new(
+                "fraudstream_labels_total",
+                "Fraud labels received, by source",
+            ),
+            &["source"],
+        )?;
+        let labels_unmatched = IntCounter::new(
+            "fraudstream_labels_unmatched_total",
+            "Labels whose transaction's score is not remembered",
+        )?;
+        let label_outcomes = IntCounterVec::new(
+            Opts::new(
+                "fraudstream_label_outcomes_total",
+                "Labelled decisions by model version and outcome",
+            ),
+            &["model_version", "outcome"],
+        )?;
+        let label_delay_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "fraudstream_label_delay_seconds",
+                "From the decision to the arrival of its label",
+            )
+            .buckets(exponential(1.0, 4.0, 12)),
+        )?;
+        let window = |name: &str, help: &str| {
+            GaugeVec::new(Opts::new(name.to_string(), help.to_string()), &["window"])
+        };
+        let live_precision = window(
+            "fraudstream_live_precision",
+            "Precision of labelled decisions over a sliding window (NaN: no labelled alert)",
+        )?;
+        let live_recall = window(
+            "fraudstream_live_recall",
+            "Recall of labelled frauds over a sliding window (NaN: no labelled fraud)",
+        )?;
+        let live_f1 = window(
+            "fraudstream_live_f1",
+            "F1 of live precision and recall over a sliding window",
+        )?;
+        let remembered_scores = IntGauge::new(
+            "fraudstream_remembered_scores",
+            "Scores remembered until their labels arrive",
+        )?;
         for c in [
             Box::new(transactions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(alerts.clone()),
@@ -104,8 +176,23 @@ impl Metrics {
             Box::new(evicted_cards.clone()),
             Box::new(model_info.clone()),
             Box::new(ready.clone()),
+            Box::new(consumer_lag.clone()),
+            Box::new(labels.clone()),
+            Box::new(labels_unmatched.clone()),
+            Box::new(label_outcomes.clone()),
+            Box::new(label_delay_seconds.clone()),
+            Box::new(live_precision.clone()),
+            Box::new(live_recall.clone()),
+            Box::new(live_f1.clone()),
+            Box::new(remembered_scores.clone()),
         ] {
             registry.register(c)?;
+        }
+        // Undefined until labels arrive: NaN, which dashboards show as a gap, not as 0.
+        for (w, _) in super::quality::WINDOWS {
+            for g in [&live_precision, &live_recall, &live_f1] {
+                g.with_label_values(&[w]).set(f64::NAN);
+            }
         }
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
@@ -123,6 +210,16 @@ impl Metrics {
             evicted_cards,
             model_info,
             ready,
+            consumer_lag,
+            labels,
+            labels_unmatched,
+            label_outcomes,
+            label_delay_seconds,
+            live_precision,
+            live_recall,
+            live_f1,
+            remembered_scores,
+            recent: Default::default(),
             ready_flag: Default::default(),
         })
     }
@@ -139,6 +236,11 @@ impl Metrics {
     /// Counts a dead letter.
     pub fn dead_lettered(&self, reason: &str) {
         self.transactions.with_label_values(&["invalid"]).inc();
+        self.dead_letters.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a bad message on the labels topic (not a transaction).
+    pub fn dead_lettered_label(&self, reason: &str) {
         self.dead_letters.with_label_values(&[reason]).inc();
     }
 

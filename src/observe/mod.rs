@@ -1,10 +1,14 @@
-//! Logging, Prometheus metrics and the HTTP server (`/metrics`, `/healthz`, `/readyz`).
+//! Logging, Prometheus metrics, live quality from delayed labels, and the HTTP server
+//! (`/metrics`, `/healthz`, `/readyz`, the dashboard at `/`).
 
+pub mod dashboard;
 pub mod http;
 pub mod metrics;
+pub mod quality;
 
 pub use http::{router, spawn_server};
 pub use metrics::Metrics;
+pub use quality::{Label, LiveQuality, QualitySettings};
 
 /// Logs to stderr at `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -12,6 +12,7 @@ use super::records::{
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
 use crate::observe::Metrics;
+use crate::observe::quality::{Joined, Label, LiveQuality, QualitySettings};
 use crate::schema::FeatureSpec;
 
 /// A transaction whose window is ready to score.
@@ -69,6 +70,7 @@ pub struct Detector {
     model_ref: ModelRef,
     max_message_bytes: usize,
     metrics: Arc<Metrics>,
+    quality: LiveQuality,
 }
 
 impl Detector {
@@ -96,7 +98,62 @@ impl Detector {
             },
             max_message_bytes,
             metrics,
+            quality: LiveQuality::new(
+                QualitySettings {
+                    max_scores: 0,
+                    ..QualitySettings::default()
+                },
+                &m.version,
+            ),
         }
+    }
+
+    /// Remembers scores for labels from a labels topic (by default only inline labels count).
+    pub fn with_label_memory(mut self, settings: QualitySettings) -> Self {
+        self.quality = LiveQuality::new(settings, &self.model_ref.version);
+        self
+    }
+
+    /// Counts a decision once its outputs are handed on: metrics, the dashboard's alert table,
+    /// and live quality (an inline label joins now; otherwise the score waits for its label).
+    pub fn record(&self, d: &Decision, alert: Option<&Alert>, took: std::time::Duration) {
+        let alerted = alert.is_some();
+        self.metrics.scored(alerted, took);
+        if let Some(a) = alert {
+            self.metrics.recent.alert(a);
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        match (d.pending.label, &d.pending.transaction_id) {
+            (Some(is_fraud), _) => {
+                self.quality.inline(alerted, is_fraud, now, &self.metrics);
+            }
+            (None, Some(id)) => self.quality.remember(id, alerted, now, &self.metrics),
+            (None, None) => {}
+        }
+    }
+
+    /// Joins a message from the labels topic to its score; a bad label comes back as the
+    /// dead letter to publish.
+    pub fn label(&self, env: &Envelope) -> Result<Joined, Box<DeadLetter>> {
+        match Label::parse(&env.payload) {
+            Ok(label) => {
+                let now = chrono::Utc::now().timestamp_millis();
+                Ok(self.quality.label(&label, now, &self.metrics))
+            }
+            Err(e) => Err(Box::new(DeadLetter::new(
+                env,
+                e.reason(),
+                e.field(),
+                e.to_string(),
+                self.max_message_bytes,
+            ))),
+        }
+    }
+
+    /// Forgets expired scores and updates the live precision/recall gauges.
+    pub fn refresh_quality(&self) {
+        let now = chrono::Utc::now().timestamp_millis();
+        self.quality.refresh(now, &self.metrics);
     }
 
     /// The metrics every stage updates.
@@ -236,6 +293,7 @@ pub fn spawn_evictor(detector: Arc<Detector>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             let n = detector.evict();
+            detector.refresh_quality();
             let m = detector.metrics();
             m.evicted_cards.inc_by(n as u64);
             m.live_cards.set(detector.cards() as i64);

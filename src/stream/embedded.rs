@@ -221,15 +221,16 @@ pub async fn run_embedded(
         let Some((outcome, at)) = next else { break };
         match outcome {
             Outcome::Decision(d) => {
-                let alerted = detector.alerts(&d);
-                if alerted {
-                    alerts.write(&detector.alert(&d))?;
+                let alert = detector.alerts(&d).then(|| detector.alert(&d));
+                let alerted = alert.is_some();
+                if let Some(a) = &alert {
+                    alerts.write(a)?;
                 }
                 if let Some(s) = scores.as_mut() {
                     s.write(&detector.score_record(&d))?;
                 }
                 let took = latency(&d.pending, at);
-                detector.metrics().scored(alerted, took);
+                detector.record(&d, alert.as_ref(), took);
                 stats.scored(alerted, d.pending.label, took);
             }
             Outcome::Invalid(letter) => {

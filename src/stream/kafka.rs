@@ -38,6 +38,9 @@ pub struct KafkaSettings {
     pub scores_topic: Option<String>,
     /// Dead letters (optional; always counted and logged).
     pub dead_letter_topic: Option<String>,
+    /// Fraud labels (JSON `{transaction_id, is_fraud, labelled_at}`) joined to remembered scores
+    /// for live precision and recall. Every instance reads every partition of it.
+    pub labels_topic: Option<String>,
     /// librdkafka settings applied last (SASL, TLS, timeouts).
     pub extra: Vec<(String, String)>,
     /// Micro-batching.
@@ -56,6 +59,7 @@ impl KafkaSettings {
             alerts_topic: alerts_topic.into(),
             scores_topic: None,
             dead_letter_topic: None,
+            labels_topic: None,
             extra: vec![],
             batch: BatchSettings::default(),
             on_assigned: None,
@@ -95,7 +99,32 @@ struct CommitOnRevoke {
     metrics: Arc<crate::observe::Metrics>,
 }
 
-impl ClientContext for CommitOnRevoke {}
+impl ClientContext for CommitOnRevoke {
+    /// Consumer lag per assigned partition, from librdkafka's statistics
+    /// (`statistics.interval.ms`): behind the stored offset when one is stored, else behind the
+    /// committed one. Partitions with no known lag (not assigned here) are removed.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for p in t.partitions.values().filter(|p| p.partition >= 0) {
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else {
+                    p.consumer_lag
+                };
+                let partition = p.partition.to_string();
+                let labels = [topic.as_str(), partition.as_str()];
+                if lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&labels)
+                        .set(lag);
+                } else {
+                    let _ = self.metrics.consumer_lag.remove_label_values(&labels);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for CommitOnRevoke {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -147,6 +176,8 @@ pub async fn run_kafka(
                 ("enable.partition.eof", "false"),
                 // A detector wants records as they arrive, not in half-second fetch rounds.
                 ("fetch.wait.max.ms", "20"),
+                // Statistics carry the consumer lag exported per partition.
+                ("statistics.interval.ms", "5000"),
             ],
         )
         .create_with_context(CommitOnRevoke {
@@ -176,6 +207,10 @@ pub async fn run_kafka(
         out_tx,
     ));
     let evictor = spawn_evictor(detector.clone());
+    let labels = match &s.labels_topic {
+        Some(topic) => Some(spawn_labels(detector.clone(), &s, topic, producer.clone())?),
+        None => None,
+    };
     let acker = tokio::spawn(acknowledge(consumer.clone(), ack_rx));
     let stats = Arc::new(Mutex::new(RunStats::new()));
     let sink = {
@@ -233,6 +268,9 @@ pub async fn run_kafka(
     }
     let mut stats = stats.lock().expect("stats lock").clone();
     evictor.abort();
+    if let Some(l) = labels {
+        l.abort();
+    }
     stats.cards = detector.cards();
     stats.evicted = detector.evicted();
     Ok(stats)
@@ -261,11 +299,15 @@ fn publish(
     };
     let source = match outcome {
         Outcome::Decision(d) => {
-            let alerted = detector.alerts(&d);
+            let alert = detector.alerts(&d).then(|| detector.alert(&d));
+            let alerted = alert.is_some();
             let card = d.pending.card_id.as_str();
-            if alerted {
-                let alert = serde_json::to_string(&detector.alert(&d)).expect("alert serialises");
-                send(&s.alerts_topic, Some(card), alert);
+            if let Some(a) = &alert {
+                send(
+                    &s.alerts_topic,
+                    Some(card),
+                    serde_json::to_string(a).expect("alert serialises"),
+                );
             }
             if let Some(topic) = &s.scores_topic {
                 let record =
@@ -273,7 +315,7 @@ fn publish(
                 send(topic, Some(card), record);
             }
             let took = latency(&d.pending, at);
-            detector.metrics().scored(alerted, took);
+            detector.record(&d, alert.as_ref(), took);
             stats
                 .lock()
                 .expect("stats lock")
@@ -345,6 +387,97 @@ async fn acknowledge(consumer: Arc<StreamConsumer<CommitOnRevoke>>, mut rx: mpsc
             );
         }
     }
+}
+
+/// Reads every partition of the labels topic from its end (labels for scores this process has
+/// not made cannot match) and joins each label to its score. Bad labels are dead-lettered.
+/// Labels need no offsets: a restarted detector remembers no scores to join them to.
+fn spawn_labels(
+    detector: Arc<Detector>,
+    s: &KafkaSettings,
+    topic: &str,
+    producer: FutureProducer,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        client_config(
+            &s.brokers,
+            &s.extra,
+            &[
+                ("group.id", &format!("{}-labels", s.group)),
+                ("enable.auto.commit", "false"),
+                ("enable.partition.eof", "false"),
+                ("fetch.wait.max.ms", "100"),
+            ],
+        )
+        .create()?,
+    );
+    let (topic, dead_letter_topic) = (topic.to_string(), s.dead_letter_topic.clone());
+    Ok(tokio::spawn(async move {
+        // Wait for the topic to exist, then take all of its partitions.
+        loop {
+            let (c, t) = (consumer.clone(), topic.clone());
+            let assigned = tokio::task::spawn_blocking(move || assign_from_end(&c, &t))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")));
+            match assigned {
+                Ok(n) => {
+                    tracing::info!(topic, partitions = n, "reading labels");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(topic, "labels topic not readable yet: {e}");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+        loop {
+            match consumer.recv().await {
+                Ok(m) => {
+                    let env = Envelope {
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    };
+                    if let Err(letter) = detector.label(&env) {
+                        tracing::warn!(topic = %letter.topic, partition = letter.partition, offset = letter.offset,
+                            reason = %letter.reason, "dead-lettered label: {}", letter.error);
+                        detector.metrics().dead_lettered_label(&letter.reason);
+                        if let Some(dlq) = &dead_letter_topic {
+                            let payload =
+                                serde_json::to_string(&*letter).expect("dead letter serialises");
+                            let record = FutureRecord::<str, str>::to(dlq).payload(&payload);
+                            if let Err((e, _)) = producer.send_result(record) {
+                                tracing::error!(topic = %dlq, "produce failed: {e}");
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("labels consumer: {e}"),
+            }
+        }
+    }))
+}
+
+/// Assigns every partition of `topic` at its end; returns how many.
+fn assign_from_end(consumer: &StreamConsumer, topic: &str) -> anyhow::Result<usize> {
+    let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = meta
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| anyhow::anyhow!("no metadata"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("{e:?}");
+    }
+    anyhow::ensure!(!t.partitions().is_empty(), "no partitions");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in t.partitions() {
+        tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::End)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(t.partitions().len())
 }
 
 /// Creates the topics that do not exist yet, with `partitions` partitions each.
