@@ -55,6 +55,7 @@ pub struct Metrics {
     pub remembered_scores: IntGauge,
     /// The latest alerts and sampled time series behind the dashboard.
     pub recent: std::sync::Arc<super::dashboard::Recent>,
+    names: Vec<String>,
     ready_flag: std::sync::Arc<AtomicBool>,
 }
 
@@ -165,6 +166,7 @@ impl Metrics {
             "fraudstream_remembered_scores",
             "Scores remembered until their labels arrive",
         )?;
+        let mut names = Vec::new();
         for c in [
             Box::new(transactions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(alerts.clone()),
@@ -186,6 +188,7 @@ impl Metrics {
             Box::new(live_f1.clone()),
             Box::new(remembered_scores.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c)?;
         }
         // Undefined until labels arrive: NaN, which dashboards show as a gap, not as 0.
@@ -195,9 +198,12 @@ impl Metrics {
             }
         }
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            use prometheus::core::Collector;
+            names.extend(process.desc().iter().map(|d| d.fq_name.clone()));
+            registry.register(Box::new(process))?;
+        }
         Ok(Metrics {
             registry,
             transactions,
@@ -220,6 +226,7 @@ impl Metrics {
             live_f1,
             remembered_scores,
             recent: Default::default(),
+            names,
             ready_flag: Default::default(),
         })
     }
@@ -259,6 +266,37 @@ impl Metrics {
     pub fn set_ready(&self, ready: bool) {
         self.ready_flag.store(ready, Ordering::Relaxed);
         self.ready.set(if ready { 1.0 } else { 0.0 });
+    }
+
+    /// Every metric name a scrape can show, histogram series (`_bucket`, `_sum`, `_count`)
+    /// included: what dashboards and alert rules may query.
+    pub fn exported_names(&self) -> Vec<String> {
+        let histograms = [
+            &self.batch_size,
+            &self.inference_seconds,
+            &self.end_to_end_seconds,
+            &self.label_delay_seconds,
+        ];
+        let histogram_names: Vec<String> = histograms
+            .iter()
+            .flat_map(|h| {
+                use prometheus::core::Collector;
+                h.desc()
+                    .iter()
+                    .map(|d| d.fq_name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let mut out = Vec::new();
+        for n in &self.names {
+            out.push(n.clone());
+            if histogram_names.contains(n) {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    out.push(format!("{n}{suffix}"));
+                }
+            }
+        }
+        out
     }
 
     /// Whether the detector is ready.
