@@ -138,6 +138,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         detector = detector.with_label_memory(QualitySettings {
             max_scores: args.max_remembered_scores,
             ttl_ms: i64::try_from(args.label_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+            ..QualitySettings::default()
         });
     }
     let detector = Arc::new(detector);

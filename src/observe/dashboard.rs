@@ -92,6 +92,10 @@ pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> 
     let mut lower = (0.0, 0u64);
     for (ub, c) in &delta {
         if *c as f64 >= rank {
+            if ub.is_infinite() {
+                // Beyond the last finite bucket: its bound, as histogram_quantile reports.
+                return Some(lower.0);
+            }
             let in_bucket = (*c - lower.1) as f64;
             let frac = if in_bucket > 0.0 {
                 (rank - lower.1 as f64) / in_bucket
@@ -102,7 +106,6 @@ pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> 
         }
         lower = (*ub, *c);
     }
-    // Beyond the last finite bucket: report its bound.
     Some(lower.0)
 }
 
@@ -159,7 +162,7 @@ impl Recent {
     pub fn snapshot(&self, m: &Metrics) -> serde_json::Value {
         let model: serde_json::Map<String, serde_json::Value> = first_labels(&m.model_info);
         let count = |o: &str| m.transactions.with_label_values(&[o]).get();
-        let dead = sum(&m.dead_letters);
+        let dead = sum(&m.dead_letters) as u64;
         let window = |w: &str| {
             serde_json::json!({
                 "precision": finite(m.live_precision.with_label_values(&[w]).get()),
@@ -250,6 +253,8 @@ mod tests {
         let p50 = quantile_between(&before, &after, 0.5).unwrap();
         assert!((p50 - 0.1).abs() < 1e-9);
         assert_eq!(quantile_between(&after, &after, 0.99), None);
+        let slow = [(0.1, 0), (0.2, 0), (f64::INFINITY, 10)];
+        assert_eq!(quantile_between(&before, &slow, 0.99), Some(0.2));
     }
 
     #[test]

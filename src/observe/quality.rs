@@ -205,10 +205,14 @@ impl Label {
 /// How many scores to remember, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QualitySettings {
-    /// At most this many remembered scores (0: remember none; only inline labels count).
+    /// At most this many remembered scores, and as many early labels (0: remember none; only
+    /// inline labels count).
     pub max_scores: usize,
     /// A score older than this no longer matches its label.
     pub ttl_ms: i64,
+    /// A label that arrives before its transaction is scored (the detector is behind) waits this
+    /// long for the score before it counts as unmatched.
+    pub label_wait_ms: i64,
 }
 
 impl Default for QualitySettings {
@@ -216,6 +220,7 @@ impl Default for QualitySettings {
         QualitySettings {
             max_scores: 1_000_000,
             ttl_ms: 24 * 3_600_000,
+            label_wait_ms: 120_000,
         }
     }
 }
@@ -225,7 +230,9 @@ impl Default for QualitySettings {
 pub enum Joined {
     /// It matched a remembered score.
     Matched(LabelOutcome),
-    /// No score for that transaction is remembered.
+    /// No score yet: it waits for one (counted unmatched if none comes in time).
+    Waiting,
+    /// Its score expired, or no score can come (nothing is remembered).
     Unmatched,
 }
 
@@ -240,6 +247,10 @@ struct Inner {
     order: VecDeque<(i64, String)>,
     /// Per-bucket counts, indexed by bucket number modulo BUCKETS, with the bucket number held.
     buckets: Vec<(i64, Confusion)>,
+    /// Labels that came before their scores: id -> (is fraud, arrival).
+    early: HashMap<String, (bool, i64)>,
+    /// Early labels' ids, oldest first.
+    early_order: VecDeque<(i64, String)>,
 }
 
 /// Remembered scores and the label join; updates the quality metrics on [`Metrics`].
@@ -268,6 +279,8 @@ impl LiveQuality {
                 scores: HashMap::new(),
                 order: VecDeque::new(),
                 buckets: vec![(i64::MIN, Confusion::default()); BUCKETS],
+                early: HashMap::new(),
+                early_order: VecDeque::new(),
             }),
         }
     }
@@ -276,12 +289,19 @@ impl LiveQuality {
         self.inner.lock().expect("quality lock")
     }
 
-    /// Remembers a decision until its label arrives (or it expires).
+    /// Remembers a decision until its label arrives (or it expires); joins it at once to a label
+    /// that came first.
     pub fn remember(&self, transaction_id: &str, alerted: bool, now_ms: i64, m: &Metrics) {
         if self.settings.max_scores == 0 {
             return;
         }
         let mut g = self.lock();
+        if let Some((is_fraud, _)) = g.early.remove(transaction_id) {
+            drop(g);
+            m.label_delay_seconds.observe(0.0);
+            self.count(alerted, is_fraud, now_ms, m);
+            return;
+        }
         g.scores.insert(
             transaction_id.to_string(),
             Memo {
@@ -296,19 +316,36 @@ impl LiveQuality {
         m.remembered_scores.set(g.scores.len() as i64);
     }
 
-    /// Joins a label from the labels topic to its remembered score.
+    /// Joins a label from the labels topic to its remembered score, or keeps it waiting for a
+    /// score not made yet.
     pub fn label(&self, label: &Label, now_ms: i64, m: &Metrics) -> Joined {
         m.labels.with_label_values(&["topic"]).inc();
-        let memo = self.lock().scores.remove(&label.transaction_id);
-        match memo {
+        let mut g = self.lock();
+        match g.scores.remove(&label.transaction_id) {
             Some(memo) if now_ms - memo.scored_ms <= self.settings.ttl_ms => {
+                drop(g);
                 let delay = (now_ms - memo.scored_ms).max(0) as f64 / 1000.0;
                 m.label_delay_seconds.observe(delay);
                 Joined::Matched(self.count(memo.alerted, label.is_fraud, now_ms, m))
             }
-            _ => {
+            Some(_) => {
                 m.labels_unmatched.inc();
                 Joined::Unmatched
+            }
+            None if self.settings.max_scores == 0 => {
+                m.labels_unmatched.inc();
+                Joined::Unmatched
+            }
+            None => {
+                let id = label.transaction_id.clone();
+                g.early.insert(id.clone(), (label.is_fraud, now_ms));
+                g.early_order.push_back((now_ms, id));
+                while g.early.len() > self.settings.max_scores {
+                    if forget_oldest_early(&mut g) {
+                        m.labels_unmatched.inc();
+                    }
+                }
+                Joined::Waiting
             }
         }
     }
@@ -361,6 +398,15 @@ impl LiveQuality {
                 forget_oldest(&mut g);
             }
             m.remembered_scores.set(g.scores.len() as i64);
+            while g
+                .early_order
+                .front()
+                .is_some_and(|(t, _)| now_ms - t > self.settings.label_wait_ms)
+            {
+                if forget_oldest_early(&mut g) {
+                    m.labels_unmatched.inc();
+                }
+            }
         }
         for (name, ms) in WINDOWS {
             let c = self.window(ms, now_ms);
@@ -384,6 +430,17 @@ fn forget_oldest(g: &mut Inner) {
         && g.scores.get(&id).is_some_and(|m| m.scored_ms == t)
     {
         g.scores.remove(&id);
+    }
+}
+
+/// Drops the oldest early label; true if it was still waiting (not joined meanwhile).
+fn forget_oldest_early(g: &mut Inner) -> bool {
+    match g.early_order.pop_front() {
+        Some((t, id)) if g.early.get(&id).is_some_and(|(_, at)| *at == t) => {
+            g.early.remove(&id);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -422,8 +479,13 @@ mod tests {
             q.label(&label("c", false), 7_000, &m),
             Joined::Matched(LabelOutcome::FalsePositive)
         );
-        assert_eq!(q.label(&label("a", true), 8_000, &m), Joined::Unmatched);
-        assert_eq!(q.label(&label("zz", true), 8_000, &m), Joined::Unmatched);
+        // A second label for a joined transaction, and one for a transaction never scored, wait
+        // for a score; none comes, so they count as unmatched once the wait is over.
+        assert_eq!(q.label(&label("a", true), 8_000, &m), Joined::Waiting);
+        assert_eq!(q.label(&label("zz", true), 8_000, &m), Joined::Waiting);
+        q.refresh(8_000 + 120_000, &m);
+        assert_eq!(m.labels_unmatched.get(), 0);
+        q.refresh(8_001 + 120_000, &m);
         assert_eq!(m.labels_unmatched.get(), 2);
         let tp = m
             .label_outcomes
@@ -432,11 +494,22 @@ mod tests {
         assert_eq!(tp, 1);
         assert_eq!(m.label_delay_seconds.get_sample_count(), 3);
         assert!((m.label_delay_seconds.get_sample_sum() - 18.0).abs() < 1e-9);
-        q.refresh(8_000, &m);
         let p = m.live_precision.with_label_values(&["5m"]).get();
         let r = m.live_recall.with_label_values(&["5m"]).get();
         assert_eq!((p, r), (0.5, 0.5));
         assert_eq!(m.live_f1.with_label_values(&["1h"]).get(), 0.5);
+    }
+
+    #[test]
+    fn a_label_that_comes_before_its_score_waits_for_it() {
+        let m = metrics();
+        let q = LiveQuality::new(QualitySettings::default(), "v1");
+        assert_eq!(q.label(&label("early", true), 1_000, &m), Joined::Waiting);
+        q.remember("early", true, 1_500, &m);
+        assert_eq!(q.remembered(), 0, "joined, not remembered");
+        q.refresh(200_000, &m);
+        assert_eq!(m.labels_unmatched.get(), 0);
+        assert_eq!(q.window(3_600_000, 200_000).tp, 1);
     }
 
     #[test]
@@ -465,13 +538,15 @@ mod tests {
         let settings = QualitySettings {
             max_scores: 3,
             ttl_ms: 60_000,
+            label_wait_ms: 1_000,
         };
         let q = LiveQuality::new(settings, "v1");
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
             q.remember(id, false, i as i64, &m);
         }
         assert_eq!(q.remembered(), 3);
-        assert_eq!(q.label(&label("a", false), 10, &m), Joined::Unmatched);
+        // "a" was forgotten for the cap: its label waits, then counts as unmatched.
+        assert_eq!(q.label(&label("a", false), 10, &m), Joined::Waiting);
         // A re-scored id keeps its newer score when its older entry is dropped.
         q.remember("b", true, 30_000, &m);
         q.refresh(61_000, &m);
@@ -488,11 +563,13 @@ mod tests {
             QualitySettings {
                 max_scores: 0,
                 ttl_ms: 1,
+                label_wait_ms: 1,
             },
             "v1",
         );
         off.remember("a", true, 0, &m);
         assert_eq!(off.remembered(), 0);
+        assert_eq!(off.label(&label("a", true), 0, &m), Joined::Unmatched);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod browser;
+pub mod detector;
+pub mod prometheus;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,184 @@
+//! A running detector (`fraudstream serve` on the test broker) and its HTTP endpoints, and
+//! Kafka helpers shared by the tests that run one.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use super::broker::{brokers, unique};
+
+pub const GROUP_TIMEOUTS: [&str; 6] = [
+    "--kafka",
+    "session.timeout.ms=6000",
+    "--kafka",
+    "max.poll.interval.ms=6000",
+    "--http",
+    "127.0.0.1:0",
+];
+
+/// The HTTP address a detector's log names, once it does.
+pub fn http_addr(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("/metrics") && l.contains("bound="))
+        .and_then(|l| l.split("bound=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+}
+
+/// GET `path` from the detector whose log names its HTTP address; returns (status line, body).
+pub fn http_get(log: &str, path: &str) -> (String, String) {
+    let addr = http_addr(log).expect("the detector logs its HTTP address");
+    get(&addr, path)
+}
+
+/// GET `http://addr/path` (HTTP/1.0: no chunked bodies); returns (status line, body), or the
+/// connection error as the status when nothing listens yet.
+pub fn get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = match std::net::TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => return (format!("connect failed: {e}"), String::new()),
+    };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of a metric line (name with labels exactly as written) in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+pub fn create_topics(topics: &[&str], partitions: i32) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(fraudstream::stream::kafka::ensure_topics(
+        &brokers(),
+        &[],
+        topics,
+        partitions,
+    ))
+    .unwrap();
+}
+
+/// Every message of `topic` so far, read without a group, until `expected` arrived.
+pub fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<(i32, i64, Value)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let meta = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let began = Instant::now();
+    while out.len() < expected && began.elapsed() < timeout {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let v = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            out.push((m.partition(), m.offset(), v));
+        }
+    }
+    out
+}
+
+/// A running `serve` whose stderr is collected.
+pub struct Serve {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Serve {
+    pub fn start(args: &[&str]) -> Serve {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("fraudstream"))
+            .args(["serve", "--brokers", &brokers()])
+            .args(GROUP_TIMEOUTS)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Serve { child, log }
+    }
+
+    /// Waits until /readyz answers 200 (partitions assigned); returns the HTTP address.
+    pub fn wait_ready(&self, timeout: Duration) -> String {
+        let began = Instant::now();
+        loop {
+            if let Some(addr) = http_addr(&self.log())
+                && get(&addr, "/readyz").0.contains("200")
+            {
+                return addr;
+            }
+            assert!(
+                began.elapsed() < timeout,
+                "serve not ready within {timeout:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then the exit status within `timeout`.
+    pub fn stop(mut self, timeout: Duration) -> (i32, String) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let began = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                return (status.code().unwrap_or(-1), self.log());
+            }
+            if began.elapsed() > timeout {
+                let _ = self.child.kill();
+                panic!(
+                    "serve did not exit within {timeout:?} of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // A failed test must not leave a detector running.
+        let _ = self.child.kill();
+    }
+}

@@ -1,0 +1,241 @@
+//! The issue's "done when": a replay of labelled simulated traffic through `serve`, with the
+//! labels following on their own topic, shows live precision and recall on `/metrics`, in a
+//! real Prometheus server scraping the detector, and on the dashboard page in headless Chromium.
+//! The expected values are computed independently, from the scores topic and the file's labels.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::broker::{brokers, unique};
+use common::detector::{Serve, create_topics, get, metric, read_topic};
+use common::prometheus::Prometheus;
+use common::{browser, fraudstream, simulate};
+
+/// Transaction id -> is fraud, from the simulated CSV.
+fn file_labels(path: &std::path::Path) -> HashMap<String, bool> {
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let h = rdr.headers().unwrap().clone();
+    let id = h.iter().position(|c| c == "transaction_id").unwrap();
+    let fraud = h.iter().position(|c| c == "is_fraud").unwrap();
+    rdr.records()
+        .map(|r| {
+            let r = r.unwrap();
+            (r[id].to_string(), &r[fraud] == "1")
+        })
+        .collect()
+}
+
+/// Waits until `/metrics` satisfies `ok`; returns the text.
+fn wait_metrics(addr: &str, timeout: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
+    let began = Instant::now();
+    loop {
+        let (_, text) = get(addr, "/metrics");
+        if ok(&text) {
+            return text;
+        }
+        let shown: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("fraudstream_l") || l.starts_with("fraudstream_trans"))
+            .collect();
+        assert!(
+            began.elapsed() < timeout,
+            "{what} within {timeout:?}:\n{}",
+            shown.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+#[test]
+fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_dashboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.csv", &["--days", "12"]);
+    let labels_by_id = file_labels(&file);
+    let (input, alerts, scores, labels) = (
+        unique("tx"),
+        unique("alerts"),
+        unique("scores"),
+        unique("labels"),
+    );
+    create_topics(&[&input, &alerts, &scores], 2);
+    create_topics(&[&labels], 1);
+    let group = unique("quality");
+    let serve = Serve::start(&[
+        "--group",
+        &group,
+        "--input-topic",
+        &input,
+        "--alerts-topic",
+        &alerts,
+        "--scores-topic",
+        &scores,
+        "--labels-topic",
+        &labels,
+    ]);
+    let addr = serve.wait_ready(Duration::from_secs(90));
+    let prometheus = Prometheus::start(dir.path(), &addr);
+
+    // Transactions now, each label 2 seconds after its transaction.
+    fraudstream()
+        .args(["replay", "--brokers", &brokers(), "--topic", &input])
+        .args(["--labels-topic", &labels, "--label-delay", "2", "--data"])
+        .arg(&file)
+        .assert()
+        .success();
+    let n = labels_by_id.len();
+
+    // What precision and recall must be: every score (from the scores topic) against the file.
+    let scored = read_topic(&scores, n, Duration::from_secs(120));
+    assert_eq!(scored.len(), n, "every transaction scored once");
+    let (mut tp, mut fp, mut fn_) = (0u32, 0u32, 0u32);
+    for (_, _, s) in &scored {
+        let id = s["transaction_id"].as_str().unwrap();
+        match (s["alert"].as_bool().unwrap(), labels_by_id[id]) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, true) => fn_ += 1,
+            _ => {}
+        }
+    }
+    assert!(tp > 0 && fp + fn_ > 0, "tp {tp} fp {fp} fn {fn_}");
+    let precision = f64::from(tp) / f64::from(tp + fp);
+    let recall = f64::from(tp) / f64::from(tp + fn_);
+
+    // /metrics: every label joined its score, the gauges show the expected values.
+    let text = wait_metrics(
+        &addr,
+        Duration::from_secs(60),
+        "all labels joined and gauges refreshed",
+        |t| {
+            t.contains(&format!(
+                "fraudstream_labels_total{{source=\"topic\"}} {n}\n"
+            )) && t.contains(&format!(
+                "fraudstream_live_precision{{window=\"5m\"}} {}\n",
+                metric_text(precision)
+            )) && t.contains(&format!(
+                "fraudstream_live_recall{{window=\"5m\"}} {}\n",
+                metric_text(recall)
+            ))
+        },
+    );
+    assert_eq!(metric(&text, "fraudstream_labels_unmatched_total"), 0.0);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fraudstream_label_outcomes_total{model_version=\""))
+        .and_then(|l| l.split('"').next())
+        .expect("outcomes by model version")
+        .to_string();
+    let outcome = |o: &str| {
+        metric(
+            &text,
+            &format!(
+                "fraudstream_label_outcomes_total{{model_version=\"{version}\",outcome=\"{o}\"}}"
+            ),
+        )
+    };
+    assert_eq!(outcome("true_positive"), f64::from(tp));
+    assert_eq!(outcome("false_positive"), f64::from(fp));
+    assert_eq!(outcome("false_negative"), f64::from(fn_));
+    assert!(close(
+        metric(&text, "fraudstream_live_f1{window=\"1h\"}"),
+        2.0 * precision * recall / (precision + recall)
+    ));
+    // Labels came up to 2 s after their scores (the replay's delay, less the time a
+    // transaction waited to be scored).
+    let delay_sum = metric(&text, "fraudstream_label_delay_seconds_sum");
+    let mean_delay = delay_sum / n as f64;
+    assert!(
+        (0.05..30.0).contains(&mean_delay),
+        "mean delay {mean_delay}"
+    );
+
+    // Everything consumed: the lag librdkafka reports (every 5 s) falls to 0 on both partitions.
+    wait_metrics(&addr, Duration::from_secs(30), "lag back to 0", |t| {
+        (0..2).all(|p| {
+            t.contains(&format!(
+                "fraudstream_consumer_lag{{partition=\"{p}\",topic=\"{input}\"}} 0\n"
+            ))
+        })
+    });
+
+    // Prometheus scraped the same values; read them back through its HTTP API.
+    let timeout = Duration::from_secs(30);
+    let p = prometheus.wait_for(
+        "fraudstream_live_precision{window=\"5m\",job=\"fraudstream\"}",
+        timeout,
+        |v| close(v, precision),
+    );
+    let r = prometheus.wait_for(
+        "fraudstream_live_recall{window=\"5m\",job=\"fraudstream\"}",
+        timeout,
+        |v| close(v, recall),
+    );
+    eprintln!("live precision {p:.3} recall {r:.3} (tp {tp} fp {fp} fn {fn_}) in Prometheus");
+    prometheus.wait_for(
+        "sum(fraudstream_transactions_total{outcome=\"scored\"})",
+        timeout,
+        |v| v == n as f64,
+    );
+    prometheus.wait_for("up{job=\"fraudstream\"}", timeout, |v| v == 1.0);
+
+    // The dashboard, in headless Chromium: no console messages, every chart has data, the
+    // alert table lists alerts with their attention, the KPI shows the live precision.
+    let url = format!("http://{addr}/");
+    let profile = dir.path().join("chromium");
+    let (dom, console) = browser::dump_dom(&url, &profile, 6000);
+    assert!(console.is_empty(), "console messages: {console:#?}");
+    assert!(
+        dom.contains("id=\"status\" data-state=\"ok\""),
+        "dashboard did not load its data:\n{dom}"
+    );
+    for chart in [
+        "tx_per_s",
+        "alerts_per_s",
+        "precision",
+        "recall",
+        "f1",
+        "p99_latency_ms",
+        "lag",
+    ] {
+        let marker = format!("id=\"chart-{chart}\" data-points=\"");
+        let points: usize = dom
+            .split(&marker)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no chart {chart} in:\n{dom}"));
+        assert!(points > 0, "chart {chart} shows no data");
+    }
+    let rows = dom.matches("<tr class=\"alert-row\">").count();
+    assert!(rows > 0 && rows <= 25, "{rows} alert rows");
+    assert!(dom.contains("class=\"bar\""), "attention bars");
+    assert!(
+        dom.contains(&format!(
+            "id=\"k-precision\">{:.3} / {:.3}",
+            precision, precision
+        )),
+        "precision KPI"
+    );
+    let png = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    browser::screenshot(&url, &profile, 4000, &png);
+    let size = std::fs::metadata(&png).unwrap().len();
+    assert!(size > 20_000, "screenshot of {size} bytes");
+    eprintln!("dashboard screenshot: {}", png.display());
+
+    let (code, log) = serve.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+}
+
+/// A float as the Prometheus text encoder writes it.
+fn metric_text(x: f64) -> String {
+    let mut s = String::new();
+    use std::fmt::Write;
+    write!(s, "{x}").unwrap();
+    s
+}
