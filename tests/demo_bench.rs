@@ -8,7 +8,15 @@ use predicates::str::contains;
 #[test]
 fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
     let out = fraudstream()
-        .args(["demo", "--days", "3", "--cards", "800"])
+        .args([
+            "demo",
+            "--days",
+            "3",
+            "--cards",
+            "800",
+            "--http",
+            "127.0.0.1:0",
+        ])
         .timeout(std::time::Duration::from_secs(120))
         .output()
         .unwrap();
@@ -20,13 +28,9 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
     let summary = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("embedded broker"), "{stderr}");
+    assert!(stderr.contains("dashboard: http://127.0.0.1:"), "{stderr}");
     // "scored N transactions" equals what the demo said it replayed.
-    let replayed: u64 = stderr
-        .split("replayed ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("replay line");
+    let replayed = replayed(&stderr);
     assert!(
         summary.contains(&format!("scored {replayed} transactions")),
         "{summary}"
@@ -42,6 +46,71 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
     ] {
         assert!(summary.contains(part), "{part} missing: {summary}");
     }
+}
+
+fn replayed(stderr: &str) -> u64 {
+    stderr
+        .split("replayed ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("replay line")
+}
+
+/// `--linger-s` keeps the dashboard up after the run: it shows what the run did, with live
+/// precision and recall from the simulator's inline labels.
+#[test]
+fn demo_serves_the_dashboard_with_live_quality() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+        .args([
+            "demo",
+            "--days",
+            "2",
+            "--cards",
+            "600",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .args(["--linger-s", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = String::new();
+    let mut addr = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).split(b'\n') {
+        let line = String::from_utf8_lossy(&line.unwrap()).into_owned();
+        log.push_str(&line);
+        if let Some(rest) = line.split("dashboard stays up at http://").nth(1) {
+            addr = rest.split('/').next().map(str::to_string);
+            break;
+        }
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no linger line:\n{log}"));
+    let (status, body) = common::detector::get(&addr, "/api/dashboard");
+    let (page_status, page) = common::detector::get(&addr, "/");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        status.contains("200") && page_status.contains("200"),
+        "{status}"
+    );
+    assert!(page.contains("<title>fraudstream</title>"));
+    let d: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        d["totals"]["scored"].as_u64(),
+        Some(replayed(&log)),
+        "{body}"
+    );
+    assert_eq!(d["model"]["name"], "attention-lstm");
+    assert!(d["totals"]["alerts"].as_u64().unwrap() > 0, "{body}");
+    let p = d["live"]["1h"]["precision"]
+        .as_f64()
+        .expect("live precision");
+    assert!((0.0..=1.0).contains(&p));
+    assert!(!d["series"].as_array().unwrap().is_empty());
+    assert!(!d["alerts"].as_array().unwrap().is_empty());
 }
 
 #[test]

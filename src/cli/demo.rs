@@ -36,9 +36,13 @@ pub struct DemoArgs {
     /// Simulation seed.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
-    /// Serve /metrics, /healthz and /readyz here while the demo runs (skipped if taken).
+    /// Serve the dashboard (/), /metrics, /healthz and /readyz here while the demo runs
+    /// (skipped if taken).
     #[arg(long, default_value = "127.0.0.1:9898")]
     pub http: std::net::SocketAddr,
+    /// Keep the dashboard and metrics up this many seconds after the summary (Ctrl-C ends it).
+    #[arg(long, default_value_t = 0)]
+    pub linger_s: u64,
 }
 
 pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -62,15 +66,21 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         bundle.manifest.version,
         bundle.threshold()
     );
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
+    let served = match rt.block_on(spawn_server(args.http, metrics.clone())) {
+        Ok(addr) => {
+            eprintln!("dashboard: http://{addr}/  (Prometheus metrics: http://{addr}/metrics)");
+            Some(addr)
+        }
+        Err(e) => {
+            eprintln!("not serving HTTP on {}: {e}", args.http);
+            None
+        }
+    };
     let stats = rt.block_on(async {
         let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
         let total = replay_simulation(&brokers, &input, sim, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
-        let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-        match spawn_server(args.http, metrics.clone()).await {
-            Ok(addr) => eprintln!("metrics: http://{addr}/metrics"),
-            Err(e) => eprintln!("not serving HTTP on {}: {e}", args.http),
-        }
         let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default(), metrics));
         let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
         let done = Arc::new(tokio::sync::Notify::new());
@@ -94,6 +104,18 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(stats)
     })?;
     println!("{}", stats.summary());
+    if let (Some(addr), true) = (served, args.linger_s > 0) {
+        eprintln!(
+            "dashboard stays up at http://{addr}/ for {} s (Ctrl-C ends it)",
+            args.linger_s
+        );
+        rt.block_on(async {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(args.linger_s)) => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        });
+    }
     drop(broker);
     Ok(ExitCode::SUCCESS)
 }
