@@ -14,7 +14,11 @@
 //! - [`train`]: time split into periods, window datasets, focal loss, the training loop,
 //!   threshold rules and offline metrics.
 //! - [`report`]: PNG plots and the HTML evaluation report.
-//! - [`observe`]: logging (metrics and the HTTP server come with the detector).
+//! - [`stream`]: the detector: [`stream::Detector::ingest`] turns a Kafka message (or file line)
+//!   into a window, the micro-batcher scores windows together, and the Kafka or file transport
+//!   publishes the alert and stores the offset.
+//! - [`observe`]: Prometheus metrics, live precision/recall from delayed labels, the dashboard
+//!   and the HTTP server.
 //! - [`cli`]: the subcommands that tie the stages together.
 
 pub mod cli;
