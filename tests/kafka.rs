@@ -8,25 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::broker::{brokers, unique};
-use common::detector::{Serve, create_topics, http_get, metric, read_topic};
+use common::detector::{Serve, create_topics, http_get, metric, produce_raw, read_topic};
 use common::{fraudstream, simulate};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
-
-fn produce_raw(topic: &str, key: &str, payloads: &[&[u8]]) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    for p in payloads {
-        producer
-            .send(BaseRecord::to(topic).key(key).payload(*p))
-            .unwrap();
-    }
-    producer.flush(Duration::from_secs(10)).unwrap();
-}
 
 fn replay(file: &Path, topic: &str) {
     fraudstream()

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::broker::{brokers, unique};
-use common::detector::{Serve, create_topics, get, metric, read_topic};
+use common::detector::{Serve, create_topics, get, metric, produce_raw, read_topic};
 use common::prometheus::Prometheus;
 use common::{browser, fraudstream, simulate};
 
@@ -57,13 +57,14 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
     let dir = tempfile::tempdir().unwrap();
     let file = simulate(dir.path(), "cards.csv", &["--days", "12"]);
     let labels_by_id = file_labels(&file);
-    let (input, alerts, scores, labels) = (
+    let (input, alerts, scores, labels, dlq) = (
         unique("tx"),
         unique("alerts"),
         unique("scores"),
         unique("labels"),
+        unique("dlq"),
     );
-    create_topics(&[&input, &alerts, &scores], 2);
+    create_topics(&[&input, &alerts, &scores, &dlq], 2);
     create_topics(&[&labels], 1);
     let group = unique("quality");
     let serve = Serve::start(&[
@@ -77,6 +78,8 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         &scores,
         "--labels-topic",
         &labels,
+        "--dead-letter-topic",
+        &dlq,
     ]);
     let addr = serve.wait_ready(Duration::from_secs(90));
     let prometheus = Prometheus::start(dir.path(), &addr);
@@ -89,6 +92,12 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         .assert()
         .success();
     let n = labels_by_id.len();
+    // Two bad labels: dead-lettered with the field at fault, counted, and nothing else lost.
+    produce_raw(
+        &labels,
+        "bad",
+        &[br#"{"transaction_id":"no-verdict"}"#, b"not json"],
+    );
 
     // What precision and recall must be: every score (from the scores topic) against the file.
     let scored = read_topic(&scores, n, Duration::from_secs(120));
@@ -125,6 +134,23 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         },
     );
     assert_eq!(metric(&text, "fraudstream_labels_unmatched_total"), 0.0);
+    for reason in ["invalid_label", "invalid_label_json"] {
+        let name = format!("fraudstream_dead_letters_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&text, &name), 1.0, "{reason}");
+    }
+    assert_eq!(
+        metric(&text, "fraudstream_transactions_total{outcome=\"invalid\"}"),
+        0.0,
+        "labels are not transactions"
+    );
+    let letters = read_topic(&dlq, 2, Duration::from_secs(30));
+    assert_eq!(letters.len(), 2);
+    assert!(
+        letters
+            .iter()
+            .any(|(_, _, l)| l["field"] == "is_fraud" && l["topic"] == labels.as_str()),
+        "{letters:?}"
+    );
     let version = text
         .lines()
         .find_map(|l| l.strip_prefix("fraudstream_label_outcomes_total{model_version=\""))

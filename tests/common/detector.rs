@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
@@ -181,4 +182,18 @@ impl Drop for Serve {
         // A failed test must not leave a detector running.
         let _ = self.child.kill();
     }
+}
+
+/// Produces raw payloads to `topic` with one key.
+pub fn produce_raw(topic: &str, key: &str, payloads: &[&[u8]]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for p in payloads {
+        producer
+            .send(BaseRecord::to(topic).key(key).payload(*p))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
 }
