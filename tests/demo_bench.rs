@@ -148,6 +148,9 @@ fn bench_prints_the_documented_json() {
     );
     assert!(p50 <= p99);
     assert!(v["memory_per_card_bytes"].as_f64().unwrap() > 0.0);
+    // A remembered score holds an id, a flag and a time: tens to a few hundred bytes.
+    let per_score = v["memory_per_remembered_score_bytes"].as_f64().unwrap();
+    assert!((16.0..1000.0).contains(&per_score), "{per_score}");
     fraudstream()
         .args(["bench", "--help"])
         .assert()

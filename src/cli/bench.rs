@@ -97,6 +97,15 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             None => println!("card state: RSS not readable on this platform"),
         }
     }
+    let per_score = memory_per_remembered_score(200_000);
+    if !args.json {
+        match per_score {
+            Some(b) => println!(
+                "label memory: {b:.0} bytes per score awaiting its label (heap growth over 200,000 scores)"
+            ),
+            None => println!("label memory: RSS not readable on this platform"),
+        }
+    }
     // End to end through a broker: simulated traffic produced at --rate while the detector
     // consumes it; latency is from each message's Kafka timestamp to its decision.
     let suffix = std::process::id();
@@ -164,6 +173,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "end_to_end_rate_limit_per_s": args.rate,
         "transactions": transactions,
         "memory_per_card_bytes": per_card.map(f64::round),
+        "memory_per_remembered_score_bytes": per_score.map(f64::round),
     });
     if args.json {
         println!("{out}");
@@ -220,4 +230,33 @@ fn memory_per_card(bundle: &Bundle, cards: usize) -> Option<f64> {
     }
     let after = rss_bytes()?;
     Some((after - before) / cards as f64)
+}
+
+/// Heap bytes in use (glibc's allocator statistics): unlike RSS, not hidden by memory that
+/// earlier measurements freed.
+fn heap_in_use() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as f64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        rss_bytes()
+    }
+}
+
+/// Bytes per score remembered for live precision/recall (`--labels-topic`), measured as heap
+/// growth while `n` scores with simulator-like ids are remembered.
+fn memory_per_remembered_score(n: usize) -> Option<f64> {
+    use crate::observe::{LiveQuality, QualitySettings};
+    let metrics = Metrics::new(prometheus::Registry::new()).ok()?;
+    let quality = LiveQuality::new(QualitySettings::default(), "bench");
+    let before = heap_in_use()?;
+    for i in 0..n {
+        quality.remember(&(10_000_000 + i).to_string(), i % 100 == 0, 0, &metrics);
+    }
+    let after = heap_in_use()?;
+    Some((after - before) / n as f64)
 }
