@@ -260,7 +260,7 @@ impl CardStore {
     pub fn observe_with_ids(
         &self,
         tx: &Transaction,
-    ) -> Option<(WindowSample, Vec<Option<String>>)> {
+    ) -> Option<(WindowSample, Vec<Option<std::sync::Arc<str>>>)> {
         let now = (self.clock)();
         let result = {
             let mut card = self
@@ -269,15 +269,7 @@ impl CardStore {
                 .or_insert_with(|| self.builder.new_card());
             card.last_seen_ms = now;
             match self.builder.observe(&mut card, tx) {
-                Observed::Window(w) => {
-                    let ids = card
-                        .window
-                        .padded_ids()
-                        .into_iter()
-                        .map(|id| id.map(str::to_string))
-                        .collect();
-                    Some((w, ids))
-                }
+                Observed::Window(w) => Some((w, card.window.padded_ids())),
                 Observed::Duplicate => None,
             }
         };

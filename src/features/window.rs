@@ -8,7 +8,7 @@ pub struct Window {
     /// `capacity * width` floats; row `slot` lives at `slot * width`.
     rows: Vec<f32>,
     /// Transaction ids per slot, for deduplication and for explaining alerts.
-    ids: Vec<Option<Box<str>>>,
+    ids: Vec<Option<std::sync::Arc<str>>>,
     /// Event times per slot.
     ts: Vec<f64>,
     /// Slot that the next push writes.
@@ -87,9 +87,10 @@ impl Window {
     }
 
     /// Transaction ids aligned with `write_padded`'s rows (None for padding or id-less records).
-    pub fn padded_ids(&self) -> Vec<Option<&str>> {
+    /// Shared, not copied: a scored window hands them on for every transaction.
+    pub fn padded_ids(&self) -> Vec<Option<std::sync::Arc<str>>> {
         let mut ids = vec![None; self.capacity - self.len];
-        ids.extend(self.slots().map(|s| self.ids[s].as_deref()));
+        ids.extend(self.slots().map(|s| self.ids[s].clone()));
         ids
     }
 }
@@ -98,6 +99,17 @@ impl Window {
 mod tests {
     use super::*;
 
+    fn ids(w: &Window) -> Vec<Option<String>> {
+        w.padded_ids()
+            .into_iter()
+            .map(|id| id.map(|s| s.to_string()))
+            .collect()
+    }
+
+    fn some(ids: &[Option<&str>]) -> Vec<Option<String>> {
+        ids.iter().map(|i| i.map(str::to_string)).collect()
+    }
+
     #[test]
     fn pads_left_and_keeps_the_last_n_in_order() {
         let mut w = Window::new(3, 2);
@@ -105,14 +117,14 @@ mod tests {
         let mut out = [9f32; 6];
         assert_eq!(w.write_padded(&mut out), 1);
         assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 1.0, 1.5]);
-        assert_eq!(w.padded_ids(), [None, None, Some("a")]);
+        assert_eq!(ids(&w), some(&[None, None, Some("a")]));
         for (i, id) in ["b", "c", "d"].iter().enumerate() {
             let v = (i + 2) as f32;
             w.push(&[v, v], Some(id), v as f64);
         }
         assert_eq!(w.write_padded(&mut out), 3);
         assert_eq!(out, [2.0, 2.0, 3.0, 3.0, 4.0, 4.0]);
-        assert_eq!(w.padded_ids(), [Some("b"), Some("c"), Some("d")]);
+        assert_eq!(ids(&w), some(&[Some("b"), Some("c"), Some("d")]));
         assert!(
             w.contains_id("d") && !w.contains_id("a"),
             "evicted ids are forgotten"

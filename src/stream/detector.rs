@@ -35,7 +35,7 @@ pub struct Pending {
     /// The window (`window * width` floats).
     pub window: Vec<f32>,
     /// Transaction ids aligned with the window's rows.
-    pub window_ids: Vec<Option<String>>,
+    pub window_ids: Vec<Option<std::sync::Arc<str>>>,
 }
 
 /// What one input message became.
@@ -254,7 +254,12 @@ impl Detector {
             .map(|i| AttentionRef {
                 age: last - i,
                 weight: d.attention[i],
-                transaction_id: p.window_ids.get(i).cloned().flatten(),
+                transaction_id: p
+                    .window_ids
+                    .get(i)
+                    .cloned()
+                    .flatten()
+                    .map(|id| id.to_string()),
             })
             .collect();
         Alert {
