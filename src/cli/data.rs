@@ -6,6 +6,21 @@ use anyhow::Context;
 
 use crate::schema::{FeatureSpec, Format, Transaction, load};
 
+/// `--data FILE [--spec S] [--format F]`: the options of every command that reads a transaction
+/// file through a feature spec.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Transactions (CSV or JSONL; `-` is standard input where the command streams).
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Feature spec: `cards`, `ulb`, or a TOML file (gives the card, time, id and label fields).
+    #[arg(long, default_value = "cards")]
+    pub spec: String,
+    /// File format; by default from the extension.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
 /// Reads `path` through `spec`, warns about bad rows (the first few with line numbers), and
 /// returns the valid transactions sorted by event time.
 pub(crate) fn load_sorted(

@@ -1,6 +1,5 @@
 //! `fraudstream replay`: produce a file's transactions into Kafka, in time order.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -15,15 +14,9 @@ use crate::stream::kafka::{client_config, ensure_topics, parse_kafka_setting};
 /// Options of `replay`.
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// Transactions (CSV or JSONL).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Feature spec: gives the key (card) and time fields.
-    #[arg(long, default_value = "cards")]
-    pub spec: String,
-    /// File format; by default from the extension.
-    #[arg(long, value_enum)]
-    pub format: Option<Format>,
+    /// The transaction file, its feature spec and format.
+    #[command(flatten)]
+    pub input: super::data::DataArgs,
     /// Bootstrap servers.
     #[arg(long)]
     pub brokers: String,
@@ -95,8 +88,11 @@ fn read_sorted(args: &ReplayArgs, spec: &FeatureSpec) -> anyhow::Result<Vec<Row>
             spec.label
         );
     }
-    let format = args.format.unwrap_or_else(|| Format::from_path(&args.data));
-    let mut reader = RecordReader::open(&args.data.to_string_lossy(), format)?;
+    let format = args
+        .input
+        .format
+        .unwrap_or_else(|| Format::from_path(&args.input.data));
+    let mut reader = RecordReader::open(&args.input.data.to_string_lossy(), format)?;
     reader.check_columns(spec)?;
     let mut rows = Vec::new();
     let mut bad = 0u64;
@@ -161,7 +157,7 @@ fn send(
 }
 
 pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let spec = FeatureSpec::resolve(&args.spec)?;
+    let spec = FeatureSpec::resolve(&args.input.spec)?;
     let mut rows = read_sorted(&args, &spec)?;
     if let Some(limit) = args.limit {
         rows.truncate(limit);

@@ -13,7 +13,7 @@ use serde_json::json;
 use super::data::{load_sorted, show_time};
 use crate::features::{WindowBuilder, fit_scaler};
 use crate::model::{Bundle, FastModel, Manifest, ModelConfig, ThresholdInfo, init};
-use crate::schema::{FeatureSpec, Format};
+use crate::schema::FeatureSpec;
 use crate::train::{
     Dataset, EpochRecord, FocalLoss, Period, ThresholdRule, TimeSplit, TrainObserver,
     TrainSettings, card_count, card_fraction, fit, metrics::Summary, parse_date,
@@ -22,15 +22,9 @@ use crate::train::{
 /// Options of `train`.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Transactions (CSV or JSONL).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Feature spec: `cards`, `ulb`, or a TOML file.
-    #[arg(long, default_value = "cards")]
-    pub spec: String,
-    /// File format; by default from the extension.
-    #[arg(long, value_enum)]
-    pub format: Option<Format>,
+    /// The transaction file, its feature spec and format.
+    #[command(flatten)]
+    pub input: super::data::DataArgs,
     /// Bundle directory to write.
     #[arg(long)]
     pub out: PathBuf,
@@ -199,10 +193,10 @@ impl TrainObserver for Bars {
 
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let began = Instant::now();
-    let spec = FeatureSpec::resolve(&args.spec)?;
+    let spec = FeatureSpec::resolve(&args.input.spec)?;
     let rule = args.rule()?;
     let settings = args.settings()?;
-    let txs = load_sorted(&args.data, args.format, &spec)?;
+    let txs = load_sorted(&args.input.data, args.input.format, &spec)?;
     let (first, last) = (txs[0].ts, txs[txs.len() - 1].ts);
     let split = args.split(first, last)?;
     let scaler = fit_scaler(&spec, &txs, |t| split.period(t.ts) == Period::Train);
@@ -319,7 +313,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         trained.history.iter().map(|r| r.windows_per_s).sum::<f64>() / trained.history.len() as f64;
     let training = json!({
         "data": {
-            "file": args.data.display().to_string(),
+            "file": args.input.data.display().to_string(),
             "rows": txs.len(),
             "cards": txs.iter().map(|t| t.key.as_str()).collect::<std::collections::HashSet<_>>().len(),
             "frauds": frauds,

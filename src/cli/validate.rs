@@ -1,7 +1,6 @@
 //! `fraudstream validate` and `fraudstream spec`.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -11,15 +10,9 @@ use crate::schema::{FeatureSpec, Format, load};
 /// Options of `validate`.
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// The CSV or JSONL file (`-` for standard input).
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Feature spec: `ulb`, `cards`, or a TOML file.
-    #[arg(long, default_value = "cards")]
-    pub spec: String,
-    /// File format; by default from the extension.
-    #[arg(long, value_enum)]
-    pub format: Option<Format>,
+    /// The transaction file, its feature spec and format.
+    #[command(flatten)]
+    pub input: super::data::DataArgs,
     /// How many bad rows to print.
     #[arg(long, default_value_t = 10)]
     pub show: usize,
@@ -34,9 +27,12 @@ pub struct SpecArgs {
 }
 
 pub(crate) fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let spec = FeatureSpec::resolve(&args.spec)?;
-    let format = args.format.unwrap_or_else(|| Format::from_path(&args.data));
-    let path = args.data.to_string_lossy();
+    let spec = FeatureSpec::resolve(&args.input.spec)?;
+    let format = args
+        .input
+        .format
+        .unwrap_or_else(|| Format::from_path(&args.input.data));
+    let path = args.input.data.to_string_lossy();
     let bar = indicatif::ProgressBar::new_spinner();
     let loaded = load(&path, format, &spec, args.show, |line| {
         if line % 100_000 == 0 {

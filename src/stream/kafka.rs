@@ -157,6 +157,18 @@ impl ConsumerContext for CommitOnRevoke {
 
 type Acks = (Vec<DeliveryFuture>, Source);
 
+/// A consumed message as the transport-independent envelope (the payload is copied so the
+/// message can be released at once).
+fn envelope(m: &impl Message) -> Envelope {
+    Envelope {
+        payload: m.payload().unwrap_or_default().to_vec(),
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+    }
+}
+
 /// Runs the detector on Kafka until `shutdown` resolves, then drains, flushes and commits.
 pub async fn run_kafka(
     detector: Arc<Detector>,
@@ -233,13 +245,7 @@ pub async fn run_kafka(
             _ = tick.tick() => progress(&stats.lock().expect("stats lock")),
             msg = consumer.recv() => match msg {
                 Ok(m) => {
-                    let env = Envelope {
-                        payload: m.payload().unwrap_or_default().to_vec(),
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp_ms: m.timestamp().to_millis(),
-                    };
+                    let env = envelope(&m);
                     drop(m);
                     // A full queue makes this wait: fetching pauses until the scorer catches up.
                     if in_tx.send((detector.ingest(&env), Instant::now())).await.is_err() {
@@ -433,13 +439,7 @@ fn spawn_labels(
         loop {
             match consumer.recv().await {
                 Ok(m) => {
-                    let env = Envelope {
-                        payload: m.payload().unwrap_or_default().to_vec(),
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        timestamp_ms: m.timestamp().to_millis(),
-                    };
+                    let env = envelope(&m);
                     if let Err(letter) = detector.label(&env) {
                         tracing::warn!(topic = %letter.topic, partition = letter.partition, offset = letter.offset,
                             reason = %letter.reason, "dead-lettered label: {}", letter.error);

@@ -52,17 +52,7 @@ fn start_tansu() -> String {
         .args(["--storage-engine", "memory://tansu/"])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe and only sets the child's parent-death signal.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        super::die_with_parent(&mut cmd);
         let child = cmd.spawn().expect("starting tansu");
         tx.send(()).unwrap();
         let _keep = child;

@@ -30,3 +30,21 @@ pub fn simulate(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     cmd.assert().success();
     out
 }
+
+/// Makes a spawned service die with the thread that spawns it (Linux `PR_SET_PDEATHSIG`), so a
+/// failed or killed test run leaves no broker or Prometheus behind.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and only sets the child's parent-death signal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}

@@ -43,17 +43,7 @@ impl Prometheus {
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl only sets the child's parent-death signal.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        super::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .expect("prometheus is installed by .ci/test (Debian package prometheus)");
