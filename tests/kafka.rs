@@ -218,6 +218,47 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     }
 }
 
+/// `/readyz` says whether the detector can work: 503 before it holds partitions, 200 while it
+/// does, 503 again once its broker is gone (librdkafka's statistics show no connection up).
+#[test]
+fn readiness_follows_partitions_and_broker_reachability() {
+    let (mut tansu, brokers) = common::broker::own_tansu();
+    let topic = unique("ready");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(fraudstream::stream::kafka::ensure_topics(
+        &brokers,
+        &[],
+        &[&topic],
+        1,
+    ))
+    .unwrap();
+    let serve = Serve::start_on(
+        &brokers,
+        &["--group", &unique("ready"), "--input-topic", &topic],
+    );
+    let addr = serve.wait_ready(Duration::from_secs(60));
+    assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
+    tansu.kill().unwrap();
+    tansu.wait().unwrap();
+    let began = Instant::now();
+    loop {
+        let (status, _) = common::detector::get(&addr, "/readyz");
+        if status.contains("503") {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(30),
+            "still {status} 30 s after the broker died:\n{}",
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, text) = common::detector::get(&addr, "/metrics");
+    assert_eq!(metric(&text, "fraudstream_ready"), 0.0);
+    // Still alive: liveness does not depend on the broker.
+    assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
+}
+
 #[test]
 fn two_consumers_split_partitions_and_score_each_record_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -262,9 +262,11 @@ mod tests {
         let m = Metrics::new(prometheus::Registry::new()).unwrap();
         m.recent.sample(&m, 0);
         for _ in 0..20 {
-            m.scored(false, Duration::from_millis(30));
+            m.scored(false);
+            m.decided(Duration::from_millis(30));
         }
-        m.scored(true, Duration::from_millis(30));
+        m.scored(true);
+        m.decided(Duration::from_millis(30));
         m.recent.sample(&m, 2_000);
         let snap = m.recent.snapshot(&m);
         let s = &snap["series"][0];

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub recent: std::sync::Arc<super::dashboard::Recent>,
     names: Vec<String>,
     ready_flag: std::sync::Arc<AtomicBool>,
+    /// False while librdkafka's statistics show no broker connection up.
+    broker_flag: std::sync::Arc<AtomicBool>,
 }
 
 fn exponential(start: f64, factor: f64, n: usize) -> Vec<f64> {
@@ -228,15 +230,20 @@ impl Metrics {
             recent: Default::default(),
             names,
             ready_flag: Default::default(),
+            broker_flag: std::sync::Arc::new(AtomicBool::new(true)),
         })
     }
 
     /// Counts a scored transaction.
-    pub fn scored(&self, alerted: bool, latency: Duration) {
+    pub fn scored(&self, alerted: bool) {
         self.transactions.with_label_values(&["scored"]).inc();
         if alerted {
             self.alerts.inc();
         }
+    }
+
+    /// Records a decision's end-to-end latency, once its outputs are acknowledged.
+    pub fn decided(&self, latency: Duration) {
         self.end_to_end_seconds.observe(latency.as_secs_f64());
     }
 
@@ -262,10 +269,25 @@ impl Metrics {
         self.inference_seconds.observe(took.as_secs_f64());
     }
 
-    /// Marks the detector ready or not.
+    /// Marks the detector able to work (model loaded; on Kafka, partitions held) or not.
     pub fn set_ready(&self, ready: bool) {
         self.ready_flag.store(ready, Ordering::Relaxed);
-        self.ready.set(if ready { 1.0 } else { 0.0 });
+        self.update_ready();
+    }
+
+    /// Records whether a broker connection is up (from librdkafka's statistics).
+    pub fn set_broker_reachable(&self, up: bool) {
+        self.broker_flag.store(up, Ordering::Relaxed);
+        self.update_ready();
+    }
+
+    /// Whether the broker was reachable at the last statistics.
+    pub fn is_broker_reachable(&self) -> bool {
+        self.broker_flag.load(Ordering::Relaxed)
+    }
+
+    fn update_ready(&self) {
+        self.ready.set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 
     /// Every metric name a scrape can show, histogram series (`_bucket`, `_sum`, `_count`)
@@ -299,9 +321,9 @@ impl Metrics {
         out
     }
 
-    /// Whether the detector is ready.
+    /// Whether the detector is ready: able to work and its broker reachable.
     pub fn is_ready(&self) -> bool {
-        self.ready_flag.load(Ordering::Relaxed)
+        self.ready_flag.load(Ordering::Relaxed) && self.broker_flag.load(Ordering::Relaxed)
     }
 
     /// The registry in Prometheus's text format.

@@ -116,9 +116,9 @@ impl Detector {
 
     /// Counts a decision once its outputs are handed on: metrics, the dashboard's alert table,
     /// and live quality (an inline label joins now; otherwise the score waits for its label).
-    pub fn record(&self, d: &Decision, alert: Option<&Alert>, took: std::time::Duration) {
+    pub fn record(&self, d: &Decision, alert: Option<&Alert>) {
         let alerted = alert.is_some();
-        self.metrics.scored(alerted, took);
+        self.metrics.scored(alerted);
         if let Some(a) = alert {
             self.metrics.recent.alert(a);
         }

@@ -229,9 +229,11 @@ pub async fn run_embedded(
                 if let Some(s) = scores.as_mut() {
                     s.write(&detector.score_record(&d))?;
                 }
-                let took = latency(&d.pending, at);
-                detector.record(&d, alert.as_ref(), took);
-                stats.scored(alerted, d.pending.label, took);
+                detector.record(&d, alert.as_ref());
+                stats.scored(alerted, d.pending.label);
+                let took = latency(d.pending.timestamp_ms, at);
+                detector.metrics().decided(took);
+                stats.latency(took);
             }
             Outcome::Invalid(letter) => {
                 tracing::warn!(topic = %letter.topic, offset = letter.offset, reason = %letter.reason, "dead-lettered: {}", letter.error);

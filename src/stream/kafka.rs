@@ -100,10 +100,16 @@ struct CommitOnRevoke {
 }
 
 impl ClientContext for CommitOnRevoke {
-    /// Consumer lag per assigned partition, from librdkafka's statistics
+    /// Broker reachability and consumer lag per assigned partition, from librdkafka's statistics
     /// (`statistics.interval.ms`): behind the stored offset when one is stored, else behind the
     /// committed one. Partitions with no known lag (not assigned here) are removed.
     fn stats(&self, stats: rdkafka::Statistics) {
+        // Readiness needs a reachable broker: some connection in state UP.
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        if up != self.metrics.is_broker_reachable() {
+            tracing::warn!(up, "broker reachability changed");
+        }
+        self.metrics.set_broker_reachable(up);
         for (topic, t) in &stats.topics {
             for p in t.partitions.values().filter(|p| p.partition >= 0) {
                 let lag = if p.consumer_lag_stored >= 0 {
@@ -155,7 +161,9 @@ impl ConsumerContext for CommitOnRevoke {
     }
 }
 
-type Acks = (Vec<DeliveryFuture>, Source);
+/// What must be acknowledged before a message's offset is stored: its deliveries, where it came
+/// from, and for a decision its transport timestamp and ingestion instant (for the latency).
+type Acks = (Vec<DeliveryFuture>, Source, Option<(Option<i64>, Instant)>);
 
 /// A consumed message as the transport-independent envelope (the payload is copied so the
 /// message can be released at once).
@@ -223,8 +231,13 @@ pub async fn run_kafka(
         Some(topic) => Some(spawn_labels(detector.clone(), &s, topic, producer.clone())?),
         None => None,
     };
-    let acker = tokio::spawn(acknowledge(consumer.clone(), ack_rx));
     let stats = Arc::new(Mutex::new(RunStats::new()));
+    let acker = tokio::spawn(acknowledge(
+        consumer.clone(),
+        ack_rx,
+        detector.metrics().clone(),
+        stats.clone(),
+    ));
     let sink = {
         let (detector, producer, stats, s) =
             (detector.clone(), producer.clone(), stats.clone(), s.clone());
@@ -303,6 +316,7 @@ fn publish(
             Err((e, _)) => tracing::error!(topic, "produce failed: {e}"),
         }
     };
+    let mut timing = None;
     let source = match outcome {
         Outcome::Decision(d) => {
             let alert = detector.alerts(&d).then(|| detector.alert(&d));
@@ -320,12 +334,12 @@ fn publish(
                     serde_json::to_string(&detector.score_record(&d)).expect("score serialises");
                 send(topic, Some(card), record);
             }
-            let took = latency(&d.pending, at);
-            detector.record(&d, alert.as_ref(), took);
+            detector.record(&d, alert.as_ref());
             stats
                 .lock()
                 .expect("stats lock")
-                .scored(alerted, d.pending.label, took);
+                .scored(alerted, d.pending.label);
+            timing = Some((d.pending.timestamp_ms, at));
             d.pending.source.clone()
         }
         Outcome::Invalid(letter) => {
@@ -352,15 +366,21 @@ fn publish(
             src
         }
     };
-    (futures, source)
+    (futures, source, timing)
 }
 
 /// Awaits deliveries in consumption order and stores each message's offset once they are all
-/// acknowledged. A partition with a failed delivery stores nothing more in this run, so the
-/// failed message is consumed again after a restart (at-least-once).
-async fn acknowledge(consumer: Arc<StreamConsumer<CommitOnRevoke>>, mut rx: mpsc::Receiver<Acks>) {
+/// acknowledged; a decision's end-to-end latency ends here. A partition with a failed delivery
+/// stores nothing more in this run, so the failed message is consumed again after a restart
+/// (at-least-once).
+async fn acknowledge(
+    consumer: Arc<StreamConsumer<CommitOnRevoke>>,
+    mut rx: mpsc::Receiver<Acks>,
+    metrics: Arc<crate::observe::Metrics>,
+    stats: Arc<Mutex<RunStats>>,
+) {
     let mut failed: HashSet<(String, i32)> = HashSet::new();
-    while let Some((futures, src)) = rx.recv().await {
+    while let Some((futures, src, timing)) = rx.recv().await {
         let mut ok = true;
         for f in futures {
             match f.await {
@@ -375,6 +395,11 @@ async fn acknowledge(consumer: Arc<StreamConsumer<CommitOnRevoke>>, mut rx: mpsc
                 }
                 Err(_) => ok = false,
             }
+        }
+        if let (true, Some((ts, at))) = (ok, timing) {
+            let took = latency(ts, at);
+            metrics.decided(took);
+            stats.lock().expect("stats lock").latency(took);
         }
         let key = (src.topic.clone(), src.partition);
         if !ok {

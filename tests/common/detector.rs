@@ -111,8 +111,13 @@ pub struct Serve {
 
 impl Serve {
     pub fn start(args: &[&str]) -> Serve {
+        Serve::start_on(&brokers(), args)
+    }
+
+    /// `serve` on the given broker.
+    pub fn start_on(brokers: &str, args: &[&str]) -> Serve {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("fraudstream"))
-            .args(["serve", "--brokers", &brokers()])
+            .args(["serve", "--brokers", brokers])
             .args(GROUP_TIMEOUTS)
             .args(args)
             .env("RUST_LOG", "info")
