@@ -35,11 +35,7 @@ fn serve(input: &Path, dir: &Path, extra: &[&str]) -> (Vec<Value>, Vec<Value>, V
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     (
         read_jsonl(&alerts),
         read_jsonl(&scores),

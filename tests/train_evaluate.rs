@@ -46,11 +46,7 @@ fn evaluate_json(model: &Path, data: &Path, report: &Path, extra: &[&str]) -> se
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_success(&out);
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

@@ -2,7 +2,6 @@
 //! docker-compose), else a tansu broker started once per test process from the binary `.ci/test`
 //! installs (`FRAUDSTREAM_TANSU` overrides its path). A missing broker fails the test.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -47,14 +46,6 @@ fn tansu_command(port: u16) -> Command {
     cmd
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn wait_listening(addr: &str) {
     let began = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
@@ -67,7 +58,7 @@ fn wait_listening(addr: &str) {
 }
 
 fn start_tansu() -> String {
-    let port = free_port();
+    let port = super::free_port();
     // The broker must outlive every test thread but not the test process: start it from a
     // thread that never ends (the parent-death signal follows the spawning thread).
     let (tx, rx) = std::sync::mpsc::channel();
@@ -88,7 +79,7 @@ fn start_tansu() -> String {
 /// A tansu broker of the calling test's own, which the test may kill (it dies with the test's
 /// thread otherwise). Returns it and its bootstrap address.
 pub fn own_tansu() -> (std::process::Child, String) {
-    let port = free_port();
+    let port = super::free_port();
     let child = tansu_command(port).spawn().expect("starting tansu");
     let addr = format!("127.0.0.1:{port}");
     wait_listening(&addr);

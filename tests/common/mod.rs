@@ -15,6 +15,25 @@ pub fn fraudstream() -> Command {
     Command::cargo_bin("fraudstream").expect("binary is built")
 }
 
+/// Fails the test with the command's stderr unless it exited successfully.
+pub fn assert_success(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A free local TCP port (for a service a test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs `fraudstream simulate` into `dir/name` with small defaults (200 cards, 400 terminals,
 /// 30 days), each overridden when `extra` names it.
 pub fn simulate(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {

@@ -1,7 +1,6 @@
 //! A real Prometheus server (Debian package `prometheus`, installed by .ci/test) scraping one
 //! target every second, and queries through its HTTP API.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,14 +10,6 @@ pub struct Prometheus {
     child: Child,
     /// Its `host:port`.
     pub addr: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Prometheus {
@@ -33,7 +24,7 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = format!("127.0.0.1:{}", super::free_port());
         let mut cmd = Command::new("prometheus");
         cmd.arg(format!("--config.file={}", config.display()))
             .arg(format!(
