@@ -242,9 +242,9 @@ struct Memo {
 }
 
 struct Inner {
-    scores: HashMap<String, Memo>,
+    scores: HashMap<std::sync::Arc<str>, Memo>,
     /// Remembered ids, oldest first (an id re-scored later appears twice; the map decides).
-    order: VecDeque<(i64, String)>,
+    order: VecDeque<(i64, std::sync::Arc<str>)>,
     /// Per-bucket counts, indexed by bucket number modulo BUCKETS, with the bucket number held.
     buckets: Vec<(i64, Confusion)>,
     /// Labels that came before their scores: id -> (is fraud, arrival).
@@ -302,14 +302,16 @@ impl LiveQuality {
             self.count(alerted, is_fraud, now_ms, m);
             return;
         }
+        // One allocation shared by the map and the expiry queue.
+        let id: std::sync::Arc<str> = transaction_id.into();
         g.scores.insert(
-            transaction_id.to_string(),
+            id.clone(),
             Memo {
                 alerted,
                 scored_ms: now_ms,
             },
         );
-        g.order.push_back((now_ms, transaction_id.to_string()));
+        g.order.push_back((now_ms, id));
         while g.scores.len() > self.settings.max_scores {
             forget_oldest(&mut g);
         }
@@ -321,7 +323,7 @@ impl LiveQuality {
     pub fn label(&self, label: &Label, now_ms: i64, m: &Metrics) -> Joined {
         m.labels.with_label_values(&["topic"]).inc();
         let mut g = self.lock();
-        match g.scores.remove(&label.transaction_id) {
+        match g.scores.remove(label.transaction_id.as_str()) {
             Some(memo) if now_ms - memo.scored_ms <= self.settings.ttl_ms => {
                 drop(g);
                 let delay = (now_ms - memo.scored_ms).max(0) as f64 / 1000.0;
@@ -416,6 +418,11 @@ impl LiveQuality {
             m.live_recall.with_label_values(&[name]).set(c.recall());
             m.live_f1.with_label_values(&[name]).set(c.f1());
         }
+    }
+
+    /// Whether scores are remembered at all (a labels topic is read).
+    pub fn remembers(&self) -> bool {
+        self.settings.max_scores > 0
     }
 
     /// Scores remembered now.

@@ -122,13 +122,16 @@ impl Detector {
         if let Some(a) = alert {
             self.metrics.recent.alert(a);
         }
-        let now = chrono::Utc::now().timestamp_millis();
+        // The clock is read only when a label is counted or a score remembered.
+        let now = || chrono::Utc::now().timestamp_millis();
         match (d.pending.label, &d.pending.transaction_id) {
             (Some(is_fraud), _) => {
-                self.quality.inline(alerted, is_fraud, now, &self.metrics);
+                self.quality.inline(alerted, is_fraud, now(), &self.metrics);
             }
-            (None, Some(id)) => self.quality.remember(id, alerted, now, &self.metrics),
-            (None, None) => {}
+            (None, Some(id)) if self.quality.remembers() => {
+                self.quality.remember(id, alerted, now(), &self.metrics)
+            }
+            _ => {}
         }
     }
 
