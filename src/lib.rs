@@ -14,9 +14,13 @@
 //! - [`train`]: time split into periods, window datasets, focal loss, the training loop,
 //!   threshold rules and offline metrics.
 //! - [`report`]: PNG plots and the HTML evaluation report.
-//! - [`stream`]: the detector: [`stream::Detector::ingest`] turns a Kafka message (or file line)
-//!   into a window, the micro-batcher scores windows together, and the Kafka or file transport
-//!   publishes the alert and stores the offset.
+//! - [`stream`]: the detector, one pipeline for every transport ([`stream::run`]): a
+//!   [`stream::Source`] reads envelopes (Kafka partitions, or a file through the schema's reader),
+//!   [`stream::Detector::ingest`] turns each into its card's window (or a dead letter), the
+//!   [`stream::batcher`] scores windows in micro-batches off the reactor, [`stream::settle()`]
+//!   decides alert / score / dead letter (logging and counting each once), a [`stream::Sink`]
+//!   publishes, and [`stream::acks::acknowledge`] stores each offset once its outputs are
+//!   acknowledged, in order. `stream::kafka` and `stream::file` are the transports.
 //! - [`observe`]: Prometheus metrics, live precision/recall from delayed labels, the dashboard
 //!   and the HTTP server.
 //! - [`cli`]: the subcommands that tie the stages together.

@@ -5,8 +5,8 @@ use fraudstream::features::RobustScaler;
 use fraudstream::model::{
     Bundle, BundleError, MANIFEST_FORMAT, Manifest, ModelConfig, ThresholdInfo, init, weights,
 };
+use fraudstream::model::{Choice, ThresholdRule};
 use fraudstream::schema::FeatureSpec;
-use fraudstream::train::{Choice, ThresholdRule};
 
 fn saved(dir: &std::path::Path) -> (Manifest, Vec<f32>) {
     let spec = FeatureSpec::cards();

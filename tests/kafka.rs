@@ -5,10 +5,12 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::broker::{brokers, unique};
-use common::detector::{Serve, create_topics, http_get, metric, produce_raw, read_topic};
+use common::detector::{
+    Serve, TopicReader, create_topics, http_get, metric, produce_raw, read_all, read_topic,
+};
 use common::{fraudstream, simulate};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -82,10 +84,10 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
         "--dead-letter-topic",
         &dlq,
     ]);
-    let scored = read_topic(&scores, ids.len(), Duration::from_secs(90));
-    let dead = read_topic(&dlq, 2, Duration::from_secs(10));
-    // Give the acknowledger a moment to store the last offsets.
-    std::thread::sleep(Duration::from_secs(1));
+    read_topic(&scores, ids.len(), Duration::from_secs(90));
+    // Every decision acknowledged (its latency ends there).
+    let done = format!("fraudstream_end_to_end_latency_seconds_count {}", ids.len());
+    serve.wait_metrics(Duration::from_secs(30), &done, |t| t.contains(&done));
     // The HTTP endpoints report what happened.
     let log = serve.log();
     assert!(http_get(&log, "/healthz").0.contains("200"));
@@ -125,6 +127,9 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     let (code, log) = serve.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("offsets"), "{log}");
+    // Read to the end only now: a duplicate published late would still be counted.
+    let scored = read_all(&scores);
+    let dead = read_all(&dlq);
 
     // Every transaction scored exactly once.
     let scored_ids: Vec<String> = scored
@@ -224,6 +229,19 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
 fn readiness_follows_partitions_and_broker_reachability() {
     let (mut tansu, brokers) = common::broker::own_tansu();
     let topic = unique("ready");
+    // The input topic does not exist yet: the detector cannot hold a partition.
+    let serve = Serve::start_on(
+        &brokers,
+        &["--group", &unique("ready"), "--input-topic", &topic],
+    );
+    let addr = serve.wait_http(Duration::from_secs(30));
+    let (status, _) = common::detector::get(&addr, "/readyz");
+    assert!(
+        status.contains("503"),
+        "ready before any assignment: {status}"
+    );
+    let (_, text) = common::detector::get(&addr, "/metrics");
+    assert_eq!(metric(&text, "fraudstream_ready"), 0.0);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(fraudstream::stream::kafka::ensure_topics(
         &brokers,
@@ -232,27 +250,20 @@ fn readiness_follows_partitions_and_broker_reachability() {
         1,
     ))
     .unwrap();
-    let serve = Serve::start_on(
-        &brokers,
-        &["--group", &unique("ready"), "--input-topic", &topic],
-    );
     let addr = serve.wait_ready(Duration::from_secs(60));
     assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
     tansu.kill().unwrap();
     tansu.wait().unwrap();
-    let began = Instant::now();
-    loop {
-        let (status, _) = common::detector::get(&addr, "/readyz");
-        if status.contains("503") {
-            break;
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(30),
-            "still {status} 30 s after the broker died:\n{}",
-            serve.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    common::wait_until(
+        Duration::from_secs(30),
+        "/readyz 503 after the broker died",
+        || {
+            common::detector::get(&addr, "/readyz")
+                .0
+                .contains("503")
+                .then_some(())
+        },
+    );
     let (_, text) = common::detector::get(&addr, "/metrics");
     assert_eq!(metric(&text, "fraudstream_ready"), 0.0);
     // Still alive: liveness does not depend on the broker.
@@ -284,32 +295,25 @@ fn two_consumers_split_partitions_and_score_each_record_once() {
     let a = Serve::start(&[&common[..], &["--scores-topic", &scores_a]].concat());
     let b = Serve::start(&[&common[..], &["--scores-topic", &scores_b]].concat());
     // Wait until the group has settled with both members holding partitions.
-    let began = Instant::now();
     let settled = |log: &str| {
         log.lines()
             .rev()
             .find(|l| l.contains("partitions assigned"))
             .is_some_and(|l| l.contains("partitions=2"))
     };
-    while !(settled(&a.log()) && settled(&b.log())) {
-        assert!(
-            began.elapsed() < Duration::from_secs(60),
-            "group did not settle:\nA:\n{}\nB:\n{}",
-            a.log(),
-            b.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::wait_until(Duration::from_secs(60), "the group to settle", || {
+        (settled(&a.log()) && settled(&b.log())).then_some(())
+    });
     replay(&file, &input);
-    let began = Instant::now();
-    let (mut sa, mut sb) = (Vec::new(), Vec::new());
-    while sa.len() + sb.len() < ids.len() && began.elapsed() < Duration::from_secs(90) {
-        sa = read_topic(&scores_a, usize::MAX, Duration::from_secs(2));
-        sb = read_topic(&scores_b, usize::MAX, Duration::from_secs(2));
-    }
+    let (mut ra, mut rb) = (TopicReader::new(&scores_a), TopicReader::new(&scores_b));
+    common::wait_until(Duration::from_secs(90), "every record scored", || {
+        let short = Duration::from_millis(200);
+        (ra.drain(short) + rb.drain(short) >= ids.len()).then_some(())
+    });
     let (ca, _) = a.stop(Duration::from_secs(30));
     let (cb, _) = b.stop(Duration::from_secs(30));
     assert_eq!((ca, cb), (0, 0));
+    let (sa, sb) = (read_all(&scores_a), read_all(&scores_b));
     let id = |v: &(i32, i64, Value)| v.2["transaction_id"].as_str().unwrap().to_string();
     let set_a: HashSet<String> = sa.iter().map(id).collect();
     let set_b: HashSet<String> = sb.iter().map(id).collect();
@@ -328,4 +332,203 @@ fn two_consumers_split_partitions_and_score_each_record_once() {
         parts(&sa).is_disjoint(&parts(&sb)),
         "the members split the partitions"
     );
+}
+
+/// Scores per transaction id over both members' score topics.
+fn score_counts(records: &[(i32, i64, Value)]) -> HashMap<String, Vec<f64>> {
+    let mut by_id: HashMap<String, Vec<f64>> = HashMap::new();
+    for (_, _, v) in records {
+        by_id
+            .entry(v["transaction_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v["score"].as_f64().unwrap());
+    }
+    by_id
+}
+
+/// The partitions a detector exports a lag series for.
+fn lag_partitions(metrics: &str) -> HashSet<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("fraudstream_consumer_lag{"))
+        .filter_map(|l| l.split("partition=\"").nth(1))
+        .map(|p| p.split('"').next().unwrap().to_string())
+        .collect()
+}
+
+/// A second member joins while the first is busy: the first drops the work it had queued for
+/// the partitions it loses (it does not publish it), its last published outputs are committed
+/// before the new owner starts, and its lag series for lost partitions disappear.
+#[test]
+fn a_member_joining_mid_stream_takes_over_without_duplicates_or_stale_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "45", "--cards", "500"],
+    );
+    let ids = ids_of(&file);
+    let (input, alerts, scores_a, scores_b) =
+        (unique("tx"), unique("alerts"), unique("sa"), unique("sb"));
+    create_topics(&[&input], 4);
+    create_topics(&[&alerts, &scores_a, &scores_b], 1);
+    replay(&file, &input);
+    let group = unique("group");
+    let common = [
+        "--group",
+        group.as_str(),
+        "--input-topic",
+        input.as_str(),
+        "--alerts-topic",
+        alerts.as_str(),
+        "--kafka",
+        "statistics.interval.ms=1000",
+    ];
+    let a = Serve::start(&[&common[..], &["--scores-topic", &scores_a]].concat());
+    let busy = |t: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("fraudstream_transactions_total{outcome=\"scored\"} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|n| n >= 3_000.0)
+    };
+    a.wait_metrics(Duration::from_secs(60), "A busy scoring", busy);
+    let b = Serve::start(&[&common[..], &["--scores-topic", &scores_b]].concat());
+    let (mut ra, mut rb) = (TopicReader::new(&scores_a), TopicReader::new(&scores_b));
+    common::wait_until(Duration::from_secs(120), "every record scored", || {
+        let short = Duration::from_millis(200);
+        (ra.drain(short) + rb.drain(short) >= ids.len()).then_some(())
+    });
+    // With statistics every second, each member's lag series are its own partitions only.
+    let addr_a = a.wait_http(Duration::from_secs(5));
+    let addr_b = b.wait_http(Duration::from_secs(5));
+    let (lag_a, lag_b) =
+        common::wait_until(Duration::from_secs(20), "lag series to settle", || {
+            let la = lag_partitions(&common::detector::get(&addr_a, "/metrics").1);
+            let lb = lag_partitions(&common::detector::get(&addr_b, "/metrics").1);
+            (la.len() + lb.len() == 4).then_some((la, lb))
+        });
+    assert!(lag_a.is_disjoint(&lag_b), "A {lag_a:?} B {lag_b:?}");
+    let (_, metrics_a) = common::detector::get(&addr_a, "/metrics");
+    let (ca, log_a) = a.stop(Duration::from_secs(30));
+    let (cb, log_b) = b.stop(Duration::from_secs(30));
+    assert_eq!((ca, cb), (0, 0));
+    assert!(log_a.contains("partitions revoked"), "{log_a}");
+    assert!(
+        metric(&metrics_a, "fraudstream_revoked_dropped_total") > 0.0,
+        "A had queued work for the partitions it lost:\n{log_a}"
+    );
+    let (sa, sb) = (read_all(&scores_a), read_all(&scores_b));
+    let by_id = score_counts(&[sa, sb].concat());
+    let missing = ids.iter().filter(|id| !by_id.contains_key(*id)).count();
+    assert_eq!(missing, 0, "every transaction scored");
+    let twice: Vec<(&String, &Vec<f64>)> = by_id.iter().filter(|(_, s)| s.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} transactions scored twice, e.g. {:?}\nA:\n{log_a}\nB:\n{log_b}",
+        twice.len(),
+        twice.iter().take(3).collect::<Vec<_>>()
+    );
+}
+
+/// A dead letter that cannot be delivered (larger than the producer's message limit) is not
+/// acknowledged: the offset of its record is not committed, later records of the partition are
+/// still scored, and a restarted detector reads the record again and delivers its dead letter.
+#[test]
+fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.jsonl", &["--days", "3", "--cards", "60"]);
+    let lines: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let half = lines.len() / 2;
+    let (first, second) = (
+        dir.path().join("first.jsonl"),
+        dir.path().join("second.jsonl"),
+    );
+    std::fs::write(&first, lines[..half].join("\n")).unwrap();
+    std::fs::write(&second, lines[half..].join("\n")).unwrap();
+    let (input, alerts, scores, dlq) = (
+        unique("tx"),
+        unique("alerts"),
+        unique("scores"),
+        unique("dlq"),
+    );
+    create_topics(&[&input, &alerts, &scores, &dlq], 1);
+    replay(&first, &input);
+    let bad = format!(
+        "{{\"transaction_id\":\"big\",\"ts\":1522540900,\"card_id\":\"7\",\"amount\":\"lots\",\"note\":\"{}\"}}",
+        "x".repeat(3_000)
+    );
+    produce_raw(&input, "7", &[bad.as_bytes()]);
+    replay(&second, &input);
+    let group = unique("group");
+    let args = |limit: &'static str| {
+        vec![
+            "--group".to_string(),
+            group.clone(),
+            "--input-topic".into(),
+            input.clone(),
+            "--alerts-topic".into(),
+            alerts.clone(),
+            "--scores-topic".into(),
+            scores.clone(),
+            "--dead-letter-topic".into(),
+            dlq.clone(),
+            "--kafka".into(),
+            format!("message.max.bytes={limit}"),
+        ]
+    };
+    let first_args = args("2000");
+    let serve = Serve::start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
+    read_topic(&scores, lines.len(), Duration::from_secs(60));
+    let text = serve.wait_metrics(Duration::from_secs(30), "the dead letter counted", |t| {
+        t.contains("fraudstream_dead_letters_total{reason=\"not_a_number\"} 1")
+    });
+    assert_eq!(
+        metric(&text, "fraudstream_transactions_total{outcome=\"scored\"}") as usize,
+        lines.len()
+    );
+    let (code, log) = serve.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("delivery failed"), "{log}");
+    assert!(
+        read_all(&dlq).is_empty(),
+        "the dead letter was too large to deliver"
+    );
+    let committed = |group: &str| {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&input, 0);
+        consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap()
+            .find_partition(&input, 0)
+            .unwrap()
+            .offset()
+    };
+    assert_eq!(
+        committed(&group),
+        Offset::Offset(half as i64),
+        "committed up to the undelivered record, not past it"
+    );
+    // Restarted with a large enough limit, the detector starts at that record again.
+    let second_args = args("1000000");
+    let again = Serve::start(&second_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let letters = read_topic(&dlq, 1, Duration::from_secs(60));
+    assert_eq!(letters[0].2["reason"], "not_a_number");
+    assert_eq!(letters[0].2["offset"], half as i64);
+    read_topic(
+        &scores,
+        lines.len() + (lines.len() - half),
+        Duration::from_secs(60),
+    );
+    let (code, log) = again.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(committed(&group), Offset::Offset(lines.len() as i64 + 1));
 }

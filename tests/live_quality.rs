@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::broker::{brokers, unique};
 use common::detector::{Serve, create_topics, get, metric, produce_raw, read_topic};
@@ -29,23 +29,10 @@ fn file_labels(path: &std::path::Path) -> HashMap<String, bool> {
 
 /// Waits until `/metrics` satisfies `ok`; returns the text.
 fn wait_metrics(addr: &str, timeout: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
-    let began = Instant::now();
-    loop {
+    common::wait_until(timeout, what, || {
         let (_, text) = get(addr, "/metrics");
-        if ok(&text) {
-            return text;
-        }
-        let shown: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("fraudstream_l") || l.starts_with("fraudstream_trans"))
-            .collect();
-        assert!(
-            began.elapsed() < timeout,
-            "{what} within {timeout:?}:\n{}",
-            shown.join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+        ok(&text).then_some(text)
+    })
 }
 
 fn close(a: f64, b: f64) -> bool {

@@ -16,6 +16,11 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// A JSON id (string or number) as text.
+fn text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
 fn serve(input: &Path, dir: &Path, extra: &[&str]) -> (Vec<Value>, Vec<Value>, Vec<Value>, String) {
     let (alerts, scores, dead) = (
         dir.join("alerts.jsonl"),
@@ -61,8 +66,37 @@ fn every_record_is_scored_once_and_alerts_have_the_documented_shape() {
         .map(|s| s["transaction_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), n, "each transaction scored exactly once");
-    let alerted: Vec<&Value> = scores.iter().filter(|s| s["alert"] == true).collect();
-    assert_eq!(alerted.len(), alerts.len());
+    // Both directions: every score at or above the threshold alerted, and nothing below it did.
+    let threshold = alerts
+        .first()
+        .and_then(|a| a["threshold"].as_f64())
+        .expect("an alert carries the threshold");
+    for s in &scores {
+        let at_or_above = s["score"].as_f64().unwrap() >= threshold;
+        assert_eq!(s["alert"] == true, at_or_above, "{s}");
+    }
+    let alerted: HashSet<&str> = scores
+        .iter()
+        .filter(|s| s["alert"] == true)
+        .map(|s| s["transaction_id"].as_str().unwrap())
+        .collect();
+    let alert_ids: HashSet<&str> = alerts
+        .iter()
+        .map(|a| a["transaction_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        alerted, alert_ids,
+        "one alert per alerting score, and only those"
+    );
+    // Each card's transaction ids in input order: `age` positions back from an alert's own.
+    let mut by_card: HashMap<String, Vec<String>> = HashMap::new();
+    for line in std::fs::read_to_string(&input).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        by_card
+            .entry(text(&v["card_id"]))
+            .or_default()
+            .push(text(&v["transaction_id"]));
+    }
     assert!(
         !alerts.is_empty(),
         "20 days of simulated fraud raise some alerts"
@@ -96,12 +130,19 @@ fn every_record_is_scored_once_and_alerts_have_the_documented_shape() {
         assert!(!top.is_empty() && top.len() <= 3);
         let total: f64 = top.iter().map(|t| t["weight"].as_f64().unwrap()).sum();
         assert!(total <= 1.0 + 1e-5);
+        let history = &by_card[&text(&a["card_id"])];
+        let own = history
+            .iter()
+            .position(|id| id == a["transaction_id"].as_str().unwrap())
+            .unwrap();
         for t in top {
-            assert!(
-                t["age"].as_u64().unwrap() < len,
-                "attention only on real transactions"
+            let age = t["age"].as_u64().unwrap() as usize;
+            assert!(age < len as usize, "attention only on real transactions");
+            assert_eq!(
+                t["transaction_id"].as_str().unwrap(),
+                history[own - age],
+                "age {age} names the card's transaction {age} positions back"
             );
-            assert!(t["transaction_id"].is_string());
         }
         assert_eq!(a["model"]["name"], "attention-lstm");
         assert_eq!(a["model"]["sha256"].as_str().unwrap().len(), 64);

@@ -82,6 +82,27 @@ fn learns_the_amount_scenario_and_reports_it() {
     let test_from = manifest["training"]["periods"]["split"]["test_from"]
         .as_f64()
         .unwrap();
+    // The scaler saw exactly the training period's rows (not validation, test or history).
+    let split = &manifest["training"]["periods"]["split"];
+    let (train_from, valid_from) = (
+        split["train_from"].as_f64().unwrap(),
+        split["valid_from"].as_f64().unwrap(),
+    );
+    let times: Vec<f64> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse::<f64>().unwrap())
+        .collect();
+    let in_train = times
+        .iter()
+        .filter(|&&t| t >= train_from && t < valid_from)
+        .count();
+    assert!(in_train > 0 && in_train < times.len(), "{in_train}");
+    assert_eq!(
+        manifest["scaler"]["fitted_rows"].as_u64().unwrap() as usize,
+        in_train
+    );
 
     let report = dir.path().join("report");
     let scores = dir.path().join("scores.csv");

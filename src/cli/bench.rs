@@ -17,7 +17,8 @@ use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
 use crate::observe::Metrics;
 use crate::sim::{SimConfig, Simulator};
-use crate::stream::{Detector, KafkaSettings, run_kafka};
+use crate::stream::kafka::{KafkaSettings, run_kafka};
+use crate::stream::{Detector, DetectorSettings};
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -115,12 +116,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let detector = Arc::new(Detector::new(
-        &bundle,
-        1 << 20,
-        StateLimits::default(),
-        metrics,
-    ));
+    let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
     let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()
@@ -168,7 +164,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let out = json!({
         "inference_windows_per_s": inference,
         "end_to_end_tx_per_s": stats.throughput().round(),
-        "latency_ms": {"p50": stats.latency_ms(0.5), "p99": stats.latency_ms(0.99)},
+        "latency_ms": {"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms},
         "end_to_end_broker": if args.brokers.is_some() { "external" } else { "embedded (librdkafka mock cluster)" },
         "end_to_end_rate_limit_per_s": args.rate,
         "transactions": transactions,
@@ -187,8 +183,8 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "full speed".into()
             },
             stats.throughput(),
-            stats.latency_ms(0.5),
-            stats.latency_ms(0.99)
+            stats.latency_p50_ms,
+            stats.latency_p99_ms
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -14,12 +14,11 @@ use candle_core::Device;
 use clap::Args;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::observe::{Metrics, spawn_server};
 use crate::sim::{SimConfig, Simulator};
-use crate::stream::kafka::{client_config, ensure_topics};
-use crate::stream::{Detector, KafkaSettings, run_kafka};
+use crate::stream::kafka::{KafkaSettings, client_config, ensure_topics, run_kafka};
+use crate::stream::{Detector, DetectorSettings};
 
 /// Options of `demo`.
 #[derive(Debug, Args)]
@@ -81,7 +80,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
         let total = replay_simulation(&brokers, &input, sim, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
-        let detector = Arc::new(Detector::new(&bundle, 1 << 20, StateLimits::default(), metrics));
+        let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
         let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();

@@ -144,7 +144,9 @@ fn print_text(
 ) {
     let m = &bundle.manifest;
     let c = &s.confusion;
+    // Undefined ratios print as 0, as scikit-learn's classification report does.
     let (np, nr) = c.negative_precision_recall();
+    let (np, nr) = (np.unwrap_or(0.0), nr.unwrap_or(0.0));
     println!(
         "model:          {} {} (threshold {:.4}, {})",
         m.name,

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use serde_json::{Map, Value};
 
-use crate::schema::{FeatureSpec, Format, RawRow, RecordReader};
+use crate::schema::{FeatureSpec, Format, RecordReader};
 use crate::stream::kafka::{client_config, ensure_topics, parse_kafka_setting};
 
 /// Options of `replay`.
@@ -43,17 +42,6 @@ pub struct ReplayArgs {
     /// Any librdkafka setting, `key=value`; repeatable.
     #[arg(long = "kafka", value_parser = parse_kafka_setting)]
     pub kafka: Vec<(String, String)>,
-}
-
-/// A CSV cell as the JSON value a producer of real data would send: numbers stay numbers.
-fn cell(v: &str) -> Value {
-    if let Ok(i) = v.parse::<i64>() {
-        return Value::from(i);
-    }
-    match v.parse::<f64>() {
-        Ok(f) if f.is_finite() => Value::from(f),
-        _ => Value::String(v.to_string()),
-    }
 }
 
 /// One transaction to produce.
@@ -100,10 +88,7 @@ fn read_sorted(args: &ReplayArgs, spec: &FeatureSpec) -> anyhow::Result<Vec<Row>
         let (line, row) = next?;
         let parsed = row.map_err(|e| e.to_string()).and_then(|r| {
             let tx = r.parse(spec).map_err(|e| e.to_string())?;
-            let mut obj: Map<String, Value> = match r {
-                RawRow::Json(m) => m,
-                RawRow::Csv(c) => c.fields().map(|(k, v)| (k.to_string(), cell(v))).collect(),
-            };
+            let mut obj = r.into_json();
             let label = if split_labels {
                 let field = spec.label.as_deref().unwrap_or_default();
                 obj.remove(field);

@@ -13,9 +13,9 @@ use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::observe::{Metrics, QualitySettings, spawn_server};
 use crate::schema::Format;
-use crate::stream::{
-    BatchSettings, Detector, EmbeddedConfig, Endpoint, KafkaSettings, run_embedded, run_kafka,
-};
+use crate::stream::file::{Endpoint, FileSink, FileSource};
+use crate::stream::kafka::{KafkaSettings, run_kafka};
+use crate::stream::{BatchSettings, DEFAULT_MAX_MESSAGE_BYTES, Detector, DetectorSettings};
 
 /// Options of `serve`.
 #[derive(Debug, Args)]
@@ -49,10 +49,10 @@ pub struct ServeArgs {
     #[arg(long, conflicts_with = "input")]
     pub labels_topic: Option<String>,
     /// Remember scores for labels for this many seconds (default one day).
-    #[arg(long, default_value_t = 24 * 3600)]
+    #[arg(long, default_value_t = QualitySettings::DEFAULT_TTL_MS / 1000)]
     pub label_ttl_s: u64,
     /// Remember at most this many scores for labels (the oldest are forgotten first).
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = QualitySettings::DEFAULT_MAX_SCORES)]
     pub max_remembered_scores: usize,
     /// Any librdkafka setting, `key=value`, applied last (SASL, TLS, timeouts); repeatable.
     #[arg(long = "kafka", value_parser = crate::stream::kafka::parse_kafka_setting)]
@@ -70,26 +70,60 @@ pub struct ServeArgs {
     #[arg(long)]
     pub dead_letter_output: Option<Endpoint>,
     /// Score a batch when this many windows wait...
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = BatchSettings::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
     /// ...or when the oldest has waited this long (milliseconds).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = BatchSettings::DEFAULT_MAX_WAIT_MS)]
     pub max_wait_ms: u64,
     /// Capacity of the queues between stages (back-pressure beyond it).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = BatchSettings::DEFAULT_QUEUE)]
     pub queue: usize,
     /// Keep at most this many cards' windows; the least recently seen beyond it are evicted.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = StateLimits::DEFAULT_MAX_CARDS)]
     pub max_cards: usize,
     /// Evict a card not seen for this many seconds (default 30 days).
-    #[arg(long, default_value_t = 30 * 24 * 3600)]
+    #[arg(long, default_value_t = StateLimits::DEFAULT_IDLE_TTL_MS / 1000)]
     pub card_ttl_s: u64,
     /// Serve the dashboard (/), /metrics (Prometheus), /healthz and /readyz on this address.
     #[arg(long, default_value = "127.0.0.1:9898")]
     pub http: std::net::SocketAddr,
     /// Larger messages are dead-lettered without parsing.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+}
+
+impl ServeArgs {
+    /// Validates the flags into the detector's and the batcher's settings.
+    fn settings(&self) -> anyhow::Result<(DetectorSettings, BatchSettings)> {
+        anyhow::ensure!(
+            self.max_batch > 0 && self.queue > 0,
+            "--max-batch and --queue must be positive"
+        );
+        anyhow::ensure!(self.max_cards > 0, "--max-cards must be positive");
+        let detector = DetectorSettings {
+            max_message_bytes: self.max_message_bytes,
+            limits: StateLimits {
+                max_cards: self.max_cards,
+                idle_ttl_ms: self.card_ttl_s.saturating_mul(1000),
+            },
+            quality: QualitySettings {
+                // Scores are remembered for labels only when a labels topic brings them.
+                max_scores: if self.labels_topic.is_some() {
+                    self.max_remembered_scores
+                } else {
+                    0
+                },
+                ttl_ms: i64::try_from(self.label_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX),
+                ..QualitySettings::default()
+            },
+        };
+        let batch = BatchSettings {
+            max_batch: self.max_batch,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            queue: self.queue,
+        };
+        Ok((detector, batch))
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -116,10 +150,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        args.max_batch > 0 && args.queue > 0,
-        "--max-batch and --queue must be positive"
-    );
+    let (settings, batch) = args.settings()?;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
     tracing::info!(
@@ -128,25 +159,8 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         threshold = bundle.threshold(),
         "model loaded"
     );
-    let limits = StateLimits {
-        max_cards: args.max_cards,
-        idle_ttl_ms: args.card_ttl_s.saturating_mul(1000),
-    };
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let mut detector = Detector::new(&bundle, args.max_message_bytes, limits, metrics.clone());
-    if args.labels_topic.is_some() {
-        detector = detector.with_label_memory(QualitySettings {
-            max_scores: args.max_remembered_scores,
-            ttl_ms: i64::try_from(args.label_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX),
-            ..QualitySettings::default()
-        });
-    }
-    let detector = Arc::new(detector);
-    let batch = BatchSettings {
-        max_batch: args.max_batch,
-        max_wait: Duration::from_millis(args.max_wait_ms),
-        queue: args.queue,
-    };
+    let detector = Arc::new(Detector::new(&bundle, settings, metrics.clone()));
     let rt = tokio::runtime::Runtime::new()?;
     // On Kafka the metrics endpoint is how the detector is watched: failing to serve it is an
     // error. A file run goes on without it.
@@ -157,15 +171,22 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let stats = match (args.input, args.brokers) {
         (Some(input), _) => {
-            let cfg = EmbeddedConfig {
-                input,
-                format: args.format,
-                alerts: args.output,
-                scores: args.scores_output,
-                dead_letters: args.dead_letter_output,
+            let sink = FileSink::create(
+                &args.output,
+                args.scores_output.as_ref(),
+                args.dead_letter_output.as_ref(),
+            )
+            .context("opening the outputs")?;
+            let source = rt.block_on(async { FileSource::open(&input, args.format) })?;
+            detector.metrics().set_ready(true);
+            rt.block_on(crate::stream::run(
+                detector,
+                source,
+                sink,
                 batch,
-            };
-            rt.block_on(run_embedded(detector, cfg, shutdown_signal(), |_| {}))?
+                shutdown_signal(),
+                |_| {},
+            ))?
         }
         (None, Some(brokers)) => {
             let settings = KafkaSettings {

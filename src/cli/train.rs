@@ -2,21 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::Args;
 use indicatif::ProgressBar;
-use serde_json::json;
 
 use super::data::{load_sorted, show_time};
-use crate::features::{WindowBuilder, fit_scaler};
-use crate::model::{Bundle, FastModel, Manifest, ModelConfig, ThresholdInfo, init};
+use crate::model::{ModelConfig, ThresholdRule};
 use crate::schema::FeatureSpec;
 use crate::train::{
-    Dataset, EpochRecord, FocalLoss, Period, ThresholdRule, TimeSplit, TrainObserver,
-    TrainSettings, card_count, card_fraction, fit, metrics::Summary, parse_date,
+    DataReport, EpochRecord, FocalLoss, JobObserver, PeriodsReport, TimeSplit, TrainJob,
+    TrainObserver, TrainSettings, parse_date, run_job,
 };
 
 /// Options of `train`.
@@ -133,6 +129,26 @@ impl TrainArgs {
         Ok(split)
     }
 
+    fn architecture(&self, input: usize) -> anyhow::Result<ModelConfig> {
+        let cfg = ModelConfig {
+            lstm1: self.lstm1,
+            attention: self.attention,
+            lstm2: self.lstm2,
+            dense: self.dense,
+            dropout: self.dropout,
+            ..ModelConfig::notebook(input, self.window)
+        };
+        anyhow::ensure!(
+            cfg.lstm1 > 0 && cfg.attention > 0 && cfg.lstm2 > 0 && cfg.dense > 0,
+            "layer sizes must be positive"
+        );
+        anyhow::ensure!(
+            (0.0..1.0).contains(&cfg.dropout),
+            "--dropout must be in [0, 1)"
+        );
+        Ok(cfg)
+    }
+
     fn settings(&self) -> anyhow::Result<TrainSettings> {
         anyhow::ensure!(self.epochs > 0, "--epochs must be at least 1");
         anyhow::ensure!(self.batch_size > 0, "--batch-size must be at least 1");
@@ -155,7 +171,7 @@ impl TrainArgs {
     }
 }
 
-/// Progress bars for the training loop.
+/// Progress bars and lines for the training job.
 struct Bars {
     bar: Option<ProgressBar>,
 }
@@ -191,179 +207,85 @@ impl TrainObserver for Bars {
     }
 }
 
+impl JobObserver for Bars {
+    fn prepared(&mut self, d: &DataReport, p: &PeriodsReport) {
+        eprintln!(
+            "{} transactions, {} cards, {} frauds ({:.3}%), {} .. {}",
+            d.rows,
+            d.cards,
+            d.frauds,
+            100.0 * d.fraud_rate,
+            show_time(d.first_ts),
+            show_time(d.last_ts)
+        );
+        let s = &p.split;
+        for (name, c, from, to) in [
+            ("train", p.train, s.train_from, s.valid_from),
+            ("valid", p.valid, s.valid_from, s.test_from),
+            ("test", p.test, s.test_from, s.until),
+        ] {
+            eprintln!(
+                "  {name:<5} {} .. {}: {} windows, {} frauds",
+                show_time(from),
+                show_time(to),
+                c.windows,
+                c.frauds
+            );
+        }
+    }
+
+    fn model_ready(&mut self, parameters: usize, windows: usize, cards: usize) {
+        eprintln!(
+            "model: {parameters} parameters; early stopping on {windows} validation windows ({cards} cards)"
+        );
+    }
+
+    fn scoring(&mut self, what: &str, total: usize) -> Box<dyn FnMut(usize) + '_> {
+        let bar = super::progress(total as u64, "windows");
+        bar.set_message(format!("scoring {what}"));
+        Box::new(move |n| {
+            bar.set_position(n as u64);
+            if n >= total {
+                bar.finish_and_clear();
+            }
+        })
+    }
+}
+
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
-    let began = Instant::now();
     let spec = FeatureSpec::resolve(&args.input.spec)?;
     let rule = args.rule()?;
     let settings = args.settings()?;
     let txs = load_sorted(&args.input.data, args.input.format, &spec)?;
-    let (first, last) = (txs[0].ts, txs[txs.len() - 1].ts);
-    let split = args.split(first, last)?;
-    let scaler = fit_scaler(&spec, &txs, |t| split.period(t.ts) == Period::Train);
-    anyhow::ensure!(
-        scaler.fitted_rows > 0,
-        "the training period holds no transactions"
-    );
-    let builder = WindowBuilder::new(spec.clone(), scaler.clone(), args.window);
-    let ds = Dataset::build(&builder, &txs, &split);
-    let frauds = txs.iter().filter(|t| t.label == Some(true)).count();
-    eprintln!(
-        "{} transactions, {} cards, {} frauds ({:.3}%), {} .. {}",
-        txs.len(),
-        txs.iter()
-            .map(|t| t.key.as_str())
-            .collect::<std::collections::HashSet<_>>()
-            .len(),
-        frauds,
-        100.0 * frauds as f64 / txs.len() as f64,
-        show_time(first),
-        show_time(last)
-    );
-    for (name, set, from, to) in [
-        ("train", &ds.train, split.train_from, split.valid_from),
-        ("valid", &ds.valid, split.valid_from, split.test_from),
-        ("test", &ds.test, split.test_from, split.until),
-    ] {
-        eprintln!(
-            "  {name:<5} {} .. {}: {} windows, {} frauds",
-            show_time(from),
-            show_time(to),
-            set.len(),
-            set.frauds()
-        );
-    }
-    anyhow::ensure!(
-        ds.train.frauds() > 0,
-        "the training period holds no fraud to learn from"
-    );
-    anyhow::ensure!(
-        ds.valid.frauds() > 0,
-        "the validation period holds no fraud: move --valid-from or --test-from"
-    );
-    let probe = ds.valid.cards_subset(card_fraction(args.valid_cards));
-    let probe = if probe.frauds() > 0 {
-        probe
-    } else {
-        ds.valid.clone()
-    };
-    let cfg = ModelConfig {
-        lstm1: args.lstm1,
-        attention: args.attention,
-        lstm2: args.lstm2,
-        dense: args.dense,
-        dropout: args.dropout,
-        ..ModelConfig::notebook(spec.width(), args.window)
-    };
-    anyhow::ensure!(
-        cfg.lstm1 > 0 && cfg.attention > 0 && cfg.lstm2 > 0 && cfg.dense > 0,
-        "layer sizes must be positive"
-    );
-    anyhow::ensure!(
-        (0.0..1.0).contains(&cfg.dropout),
-        "--dropout must be in [0, 1)"
-    );
-    eprintln!(
-        "model: {} parameters; early stopping on {} validation windows ({} cards)",
-        cfg.parameter_count(),
-        probe.len(),
-        card_count(&probe)
-    );
-    let device = Device::Cpu;
-    let (model, varmap) = init(&cfg, args.seed, &device)?;
-    let trained = fit(
-        &model,
-        &varmap,
-        &ds.train,
-        &probe,
-        &settings,
+    let split = args.split(txs[0].ts, txs[txs.len() - 1].ts)?;
+    let architecture = args.architecture(spec.width())?;
+    let job = TrainJob {
+        data: args.input.data.clone(),
+        spec,
+        out: args.out.clone(),
+        name: args.name.clone(),
+        split,
+        architecture,
+        settings,
         rule,
-        &mut Bars { bar: None },
-    )?;
-    let fast = FastModel::new(&cfg, &trained.weights)?;
-    let score = |set: &crate::train::WindowSet, what: &str| {
-        let bar = super::progress(set.len() as u64, "windows");
-        bar.set_message(format!("scoring {what}"));
-        let s = set.score(&fast, 512, |n| bar.set_position(n as u64));
-        bar.finish_and_clear();
-        s
+        valid_cards: args.valid_cards,
     };
-    let valid_scores = score(&ds.valid, "validation");
-    let choice = rule.choose(&valid_scores, &ds.valid.labels);
-    if !choice.rule_met {
+    let outcome = run_job(&job, &txs, &mut Bars { bar: None })
+        .with_context(|| format!("training into {}", args.out.display()))?;
+    let r = &outcome.report;
+    if !outcome.choice.rule_met {
         eprintln!(
             "warning: the threshold rule could not be met on validation; using the most precise threshold"
         );
     }
-    let valid = Summary::compute(
-        &valid_scores,
-        &ds.valid.labels,
-        &ds.valid.keys,
-        &ds.valid.ts,
-        choice.threshold,
-    );
-    let test_scores = score(&ds.test, "test");
-    let test = Summary::compute(
-        &test_scores,
-        &ds.test.labels,
-        &ds.test.keys,
-        &ds.test.ts,
-        choice.threshold,
-    );
-    let throughput =
-        trained.history.iter().map(|r| r.windows_per_s).sum::<f64>() / trained.history.len() as f64;
-    let training = json!({
-        "data": {
-            "file": args.input.data.display().to_string(),
-            "rows": txs.len(),
-            "cards": txs.iter().map(|t| t.key.as_str()).collect::<std::collections::HashSet<_>>().len(),
-            "frauds": frauds,
-            "fraud_rate": frauds as f64 / txs.len() as f64,
-            "first_ts": first,
-            "last_ts": last,
-        },
-        "periods": {
-            "split": split,
-            "train": {"windows": ds.train.len(), "frauds": ds.train.frauds()},
-            "valid": {"windows": ds.valid.len(), "frauds": ds.valid.frauds()},
-            "test": {"windows": ds.test.len(), "frauds": ds.test.frauds()},
-            "early_stopping_cards_fraction": args.valid_cards,
-        },
-        "settings": settings,
-        "best_epoch": trained.best_epoch,
-        "history": trained.history,
-        "train_windows_per_s": throughput,
-        "seconds": began.elapsed().as_secs_f64(),
-        "validation": valid,
-        "test": test,
-    });
-    let manifest = Manifest {
-        format: crate::model::MANIFEST_FORMAT,
-        name: args.name.clone(),
-        version: String::new(),
-        created_at: chrono::Utc::now().to_rfc3339(),
-        architecture: cfg.clone(),
-        parameters: cfg.parameter_count(),
-        spec,
-        scaler,
-        window: args.window,
-        threshold: ThresholdInfo {
-            value: choice.threshold,
-            rule,
-            on_validation: choice,
-        },
-        training,
-        weights_sha256: String::new(),
-    };
-    let manifest = Bundle::save(&args.out, &trained.weights, manifest)
-        .with_context(|| format!("saving bundle to {}", args.out.display()))?;
     eprintln!(
         "best epoch {} of {}; threshold {:.4} ({:?})",
-        trained.best_epoch,
-        trained.history.len(),
-        choice.threshold,
+        r.best_epoch,
+        r.history.len(),
+        outcome.choice.threshold,
         rule
     );
-    for (name, m) in [("validation", &valid), ("test", &test)] {
+    for (name, m) in [("validation", &r.validation), ("test", &r.test)] {
         eprintln!(
             "{name:<10} AP {:.4}  ROC AUC {:.4}  precision {:.3}  recall {:.3}  F1 {:.3}  card precision@100 {:.3}",
             m.average_precision, m.roc_auc, m.precision, m.recall, m.f1, m.card_precision_at_100
@@ -371,10 +293,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!(
         "training {:.0} windows/s; total {:.0}s; bundle {} (version {})",
-        throughput,
-        began.elapsed().as_secs_f64(),
+        r.train_windows_per_s,
+        r.seconds,
         args.out.display(),
-        manifest.version
+        outcome.manifest.version
     );
     Ok(ExitCode::SUCCESS)
 }

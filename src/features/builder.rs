@@ -25,6 +25,9 @@ pub struct CardState {
     pub window: Window,
     /// When the card was last seen online (clock milliseconds), for idle eviction.
     pub last_seen_ms: u64,
+    /// The input partition its latest transaction came from (online), so the cards of a revoked
+    /// partition can be forgotten.
+    pub shard: i32,
 }
 
 /// The window ending with one transaction, ready for the model.
@@ -97,6 +100,7 @@ impl WindowBuilder {
             history: CardHistory::default(),
             window: Window::new(self.window_len, self.width()),
             last_seen_ms: 0,
+            shard: 0,
         }
     }
 
@@ -186,11 +190,19 @@ pub struct StateLimits {
     pub idle_ttl_ms: u64,
 }
 
+impl StateLimits {
+    /// A million cards: about 2.2 GB of windows at the ~2.2 KB per card `fraudstream bench`
+    /// measures.
+    pub const DEFAULT_MAX_CARDS: usize = 1_000_000;
+    /// 30 days: a card idle longer starts over, as the model's longest context window does.
+    pub const DEFAULT_IDLE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+}
+
 impl Default for StateLimits {
     fn default() -> Self {
         StateLimits {
-            max_cards: 1_000_000,
-            idle_ttl_ms: 30 * 24 * 3600 * 1000,
+            max_cards: Self::DEFAULT_MAX_CARDS,
+            idle_ttl_ms: Self::DEFAULT_IDLE_TTL_MS,
         }
     }
 }
@@ -251,15 +263,17 @@ impl CardStore {
 
     /// Adds one transaction to its card and returns the window to score.
     pub fn observe(&self, tx: &Transaction) -> Observed {
-        self.observe_with_ids(tx)
+        self.observe_with_ids(tx, 0)
             .map_or(Observed::Duplicate, |(w, _)| Observed::Window(w))
     }
 
-    /// Like [`CardStore::observe`], also returning the window's transaction ids aligned with its
-    /// rows (None for padding), so an alert can name the transactions the model attended to.
+    /// Like [`CardStore::observe`] for a transaction read from input partition `shard`, also
+    /// returning the window's transaction ids aligned with its rows (None for padding), so an
+    /// alert can name the transactions the model attended to.
     pub fn observe_with_ids(
         &self,
         tx: &Transaction,
+        shard: i32,
     ) -> Option<(WindowSample, Vec<Option<std::sync::Arc<str>>>)> {
         let now = (self.clock)();
         let result = {
@@ -268,6 +282,7 @@ impl CardStore {
                 .entry(tx.key.clone())
                 .or_insert_with(|| self.builder.new_card());
             card.last_seen_ms = now;
+            card.shard = shard;
             match self.builder.observe(&mut card, tx) {
                 Observed::Window(w) => Some((w, card.window.padded_ids())),
                 Observed::Duplicate => None,
@@ -306,6 +321,14 @@ impl CardStore {
     /// Cards evicted so far.
     pub fn evicted(&self) -> u64 {
         self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Forgets every card last seen on one of these shards (input partitions taken away from
+    /// this instance); returns how many. Not counted as evictions.
+    pub fn forget_shards(&self, shards: &[i32]) -> usize {
+        let before = self.cards.len();
+        self.cards.retain(|_, c| !shards.contains(&c.shard));
+        before.saturating_sub(self.cards.len())
     }
 
     /// Live cards.

@@ -33,9 +33,9 @@ pub struct ThresholdInfo {
     /// Alert when score >= value.
     pub value: f64,
     /// The rule, e.g. `{"rule": "max_f1"}`.
-    pub rule: crate::train::ThresholdRule,
+    pub rule: super::threshold::ThresholdRule,
     /// What the rule gave on the validation period.
-    pub on_validation: crate::train::Choice,
+    pub on_validation: super::threshold::Choice,
 }
 
 /// `manifest.json`.

@@ -5,6 +5,7 @@ mod config;
 mod fast;
 mod layers;
 mod network;
+mod threshold;
 
 use std::collections::HashMap;
 
@@ -20,6 +21,7 @@ pub use config::ModelConfig;
 pub use fast::FastModel;
 pub use layers::{Attention, Dense, Lstm};
 pub use network::{AttentionLstm, Batch, Output};
+pub use threshold::{Choice, ThresholdRule};
 
 /// A freshly initialised, trainable model and the variables an optimiser updates.
 pub fn init(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<(AttentionLstm, VarMap)> {

@@ -15,8 +15,6 @@ use super::metrics::Metrics;
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Samples kept (15 minutes).
 const MAX_SAMPLES: usize = 450;
-/// Alerts kept for the table.
-const MAX_ALERTS: usize = 25;
 
 /// One point of the dashboard's charts. `None` (JSON null) where a value is undefined, e.g.
 /// precision before any labelled alert.
@@ -48,10 +46,10 @@ struct Previous {
     latency_buckets: Vec<(f64, u64)>,
 }
 
-/// The latest alerts and the sampled series.
-#[derive(Debug, Default)]
-pub struct Recent {
-    alerts: Mutex<VecDeque<serde_json::Value>>,
+/// The sampled series, and the metrics they (and the latest alerts) are read from.
+#[derive(Debug)]
+pub struct Dashboard {
+    metrics: std::sync::Arc<Metrics>,
     samples: Mutex<VecDeque<Sample>>,
     previous: Mutex<Option<Previous>>,
 }
@@ -109,18 +107,24 @@ pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> 
     Some(lower.0)
 }
 
-impl Recent {
-    /// Keeps an alert for the table (as published).
-    pub fn alert(&self, alert: &impl Serialize) {
-        if let Ok(v) = serde_json::to_value(alert) {
-            let mut a = self.alerts.lock().expect("alerts lock");
-            a.push_front(v);
-            a.truncate(MAX_ALERTS);
+impl Dashboard {
+    /// A dashboard of `metrics` with no samples yet.
+    pub fn new(metrics: std::sync::Arc<Metrics>) -> Self {
+        Dashboard {
+            metrics,
+            samples: Mutex::default(),
+            previous: Mutex::default(),
         }
     }
 
-    /// Takes a sample of `m` at `now_ms`; the first call only sets the baseline.
-    pub fn sample(&self, m: &Metrics, now_ms: i64) {
+    /// The metrics shown.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Takes a sample at `now_ms`; the first call only sets the baseline.
+    pub fn sample(&self, now_ms: i64) {
+        let m = &*self.metrics;
         let consumed: f64 = ["scored", "invalid", "duplicate"]
             .iter()
             .map(|o| m.transactions.with_label_values(&[o]).get() as f64)
@@ -159,7 +163,8 @@ impl Recent {
     }
 
     /// The dashboard's JSON: model, totals, series and latest alerts.
-    pub fn snapshot(&self, m: &Metrics) -> serde_json::Value {
+    pub fn snapshot(&self) -> serde_json::Value {
+        let m = &*self.metrics;
         let model: serde_json::Map<String, serde_json::Value> = first_labels(&m.model_info);
         let count = |o: &str| m.transactions.with_label_values(&[o]).get();
         let dead = sum(&m.dead_letters) as u64;
@@ -184,7 +189,7 @@ impl Recent {
             },
             "live": { "5m": window("5m"), "1h": window("1h") },
             "series": *self.samples.lock().expect("samples lock"),
-            "alerts": *self.alerts.lock().expect("alerts lock"),
+            "alerts": m.recent_alerts.latest(),
         })
     }
 }
@@ -229,12 +234,12 @@ fn lag_total(m: &Metrics) -> Option<f64> {
 }
 
 /// Samples every [`SAMPLE_EVERY`] until the runtime stops.
-pub fn spawn_sampler(m: std::sync::Arc<Metrics>) {
+pub fn spawn_sampler(d: std::sync::Arc<Dashboard>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         loop {
             tick.tick().await;
-            m.recent.sample(&m, chrono::Utc::now().timestamp_millis());
+            d.sample(chrono::Utc::now().timestamp_millis());
         }
     });
 }
@@ -259,16 +264,17 @@ mod tests {
 
     #[test]
     fn samples_are_rates_between_calls() {
-        let m = Metrics::new(prometheus::Registry::new()).unwrap();
-        m.recent.sample(&m, 0);
+        let m = std::sync::Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
+        let d = Dashboard::new(m.clone());
+        d.sample(0);
         for _ in 0..20 {
             m.scored(false);
             m.decided(Duration::from_millis(30));
         }
         m.scored(true);
         m.decided(Duration::from_millis(30));
-        m.recent.sample(&m, 2_000);
-        let snap = m.recent.snapshot(&m);
+        d.sample(2_000);
+        let snap = d.snapshot();
         let s = &snap["series"][0];
         assert_eq!(s["tx_per_s"], 10.5);
         assert_eq!(s["alerts_per_s"], 0.5);
@@ -278,16 +284,5 @@ mod tests {
         assert!((16.0..=32.0).contains(&p99), "{p99}");
         assert!(s["lag"].is_null());
         assert_eq!(snap["totals"]["alerts"], 1);
-    }
-
-    #[test]
-    fn the_alert_table_keeps_the_latest_first() {
-        let r = Recent::default();
-        for i in 0..(MAX_ALERTS + 5) {
-            r.alert(&serde_json::json!({ "n": i }));
-        }
-        let a = r.alerts.lock().unwrap();
-        assert_eq!(a.len(), MAX_ALERTS);
-        assert_eq!(a[0]["n"], MAX_ALERTS + 4);
     }
 }

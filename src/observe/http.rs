@@ -11,12 +11,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use super::dashboard::{Dashboard, spawn_sampler};
 use super::metrics::Metrics;
 
-async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn metrics(State(d): State<Arc<Dashboard>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        m.render(),
+        d.metrics().render(),
     )
 }
 
@@ -33,10 +34,10 @@ async fn dashboard() -> impl IntoResponse {
     )
 }
 
-async fn dashboard_data(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn dashboard_data(State(d): State<Arc<Dashboard>>) -> impl IntoResponse {
     (
         [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(m.recent.snapshot(&m)),
+        axum::Json(d.snapshot()),
     )
 }
 
@@ -44,8 +45,8 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
-    if m.is_ready() {
+async fn readyz(State(d): State<Arc<Dashboard>>) -> (StatusCode, &'static str) {
+    if d.metrics().is_ready() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -53,14 +54,14 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
 }
 
 /// The routes, for serving or testing.
-pub fn router(m: Arc<Metrics>) -> Router {
+pub fn router(d: Arc<Dashboard>) -> Router {
     Router::new()
         .route("/", get(dashboard))
         .route("/api/dashboard", get(dashboard_data))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(m)
+        .with_state(d)
 }
 
 /// Binds `addr` and serves until the runtime stops (sampling the dashboard's series meanwhile);
@@ -68,9 +69,10 @@ pub fn router(m: Arc<Metrics>) -> Router {
 pub async fn spawn_server(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    super::dashboard::spawn_sampler(m.clone());
+    let d = Arc::new(Dashboard::new(m));
+    spawn_sampler(d.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(m)).await {
+        if let Err(e) = axum::serve(listener, router(d)).await {
             tracing::error!("http server: {e}");
         }
     });

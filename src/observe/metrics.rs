@@ -21,6 +21,8 @@ pub struct Metrics {
     pub alerts: IntCounter,
     /// Records dead-lettered, by reason.
     pub dead_letters: IntCounterVec,
+    /// Messages read from a partition revoked since, dropped before publishing.
+    pub revoked_drops: IntCounter,
     /// Windows per scored batch.
     pub batch_size: Histogram,
     /// Time to score one batch.
@@ -53,13 +55,63 @@ pub struct Metrics {
     pub live_f1: GaugeVec,
     /// Scores waiting for their labels.
     pub remembered_scores: IntGauge,
-    /// The latest alerts and sampled time series behind the dashboard.
-    pub recent: std::sync::Arc<super::dashboard::Recent>,
+    /// The latest alerts, for the dashboard's table.
+    pub recent_alerts: std::sync::Arc<RecentAlerts>,
     names: Vec<String>,
     ready_flag: std::sync::Arc<AtomicBool>,
     /// False while librdkafka's statistics show no broker connection up.
     broker_flag: std::sync::Arc<AtomicBool>,
 }
+
+/// Alerts kept for the dashboard's table.
+const RECENT_ALERTS: usize = 25;
+
+/// The latest alerts as published, newest first (a short fixed-size log, not a metric series:
+/// it carries card ids, which labels must never do).
+#[derive(Debug, Default)]
+pub struct RecentAlerts(std::sync::Mutex<std::collections::VecDeque<serde_json::Value>>);
+
+impl RecentAlerts {
+    /// Keeps an alert.
+    pub fn push(&self, alert: &impl serde::Serialize) {
+        if let Ok(v) = serde_json::to_value(alert) {
+            let mut a = self.0.lock().expect("alerts lock");
+            a.push_front(v);
+            a.truncate(RECENT_ALERTS);
+        }
+    }
+
+    /// The kept alerts, newest first.
+    pub fn latest(&self) -> Vec<serde_json::Value> {
+        self.0
+            .lock()
+            .expect("alerts lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Registers collectors and remembers every name they export.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    names: Vec<String>,
+}
+
+impl Registrar<'_> {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(
+        &mut self,
+        c: C,
+    ) -> prometheus::Result<C> {
+        self.names
+            .extend(c.desc().iter().map(|d| d.fq_name.clone()));
+        self.registry.register(Box::new(c.clone()))?;
+        Ok(c)
+    }
+}
+
+/// The sliding windows of the live-quality gauges, with the label value each exports under.
+pub const WINDOWS: [(&str, i64); 2] = [("5m", 5 * 60_000), ("1h", 3_600_000)];
 
 fn exponential(start: f64, factor: f64, n: usize) -> Vec<f64> {
     prometheus::exponential_buckets(start, factor, n).expect("valid buckets")
@@ -68,169 +120,126 @@ fn exponential(start: f64, factor: f64, n: usize) -> Vec<f64> {
 impl Metrics {
     /// Creates and registers the metrics (and process metrics where supported).
     pub fn new(registry: Registry) -> prometheus::Result<Self> {
-        let transactions = IntCounterVec::new(
-            Opts::new(
-                "fraudstream_transactions_total",
-                "Transactions consumed, by outcome",
-            ),
-            &["outcome"],
-        )?;
-        let alerts = IntCounter::new("fraudstream_alerts_total", "Alerts published")?;
-        let dead_letters = IntCounterVec::new(
-            Opts::new(
-                "fraudstream_dead_letters_total",
-                "Records dead-lettered, by reason",
-            ),
-            &["reason"],
-        )?;
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new(
+        let mut r = Registrar {
+            registry: &registry,
+            names: Vec::new(),
+        };
+        let vec = |name: &str, help: &str| Opts::new(name, help);
+        let histogram = |name: &str, help: &str, b: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(b))
+        };
+        let window = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["window"]);
+        let m = Metrics {
+            transactions: r.add(IntCounterVec::new(
+                vec("fraudstream_transactions_total", "Transactions consumed, by outcome"),
+                &["outcome"],
+            )?)?,
+            alerts: r.add(IntCounter::new("fraudstream_alerts_total", "Alerts published")?)?,
+            dead_letters: r.add(IntCounterVec::new(
+                vec("fraudstream_dead_letters_total", "Records dead-lettered, by reason"),
+                &["reason"],
+            )?)?,
+            revoked_drops: r.add(IntCounter::new(
+                "fraudstream_revoked_dropped_total",
+                "Messages dropped unpublished because their partition was revoked (the next owner scores them)",
+            )?)?,
+            batch_size: r.add(histogram(
                 "fraudstream_inference_batch_size",
                 "Windows per scored batch",
-            )
-            .buckets(exponential(1.0, 2.0, 10)),
-        )?;
-        let inference_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                exponential(1.0, 2.0, 10),
+            )?)?,
+            inference_seconds: r.add(histogram(
                 "fraudstream_inference_duration_seconds",
                 "Time to score one batch",
-            )
-            .buckets(exponential(0.0005, 2.0, 14)),
-        )?;
-        let end_to_end_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                exponential(0.0005, 2.0, 14),
+            )?)?,
+            end_to_end_seconds: r.add(histogram(
                 "fraudstream_end_to_end_latency_seconds",
                 "From the record's transport timestamp to its decision",
-            )
-            .buckets(exponential(0.001, 2.0, 16)),
-        )?;
-        let live_cards = IntGauge::new("fraudstream_live_cards", "Cards whose windows are held")?;
-        let evicted_cards = IntCounter::new(
-            "fraudstream_evicted_cards_total",
-            "Cards evicted (idle or over the cap)",
-        )?;
-        let model_info = GaugeVec::new(
-            Opts::new(
-                "fraudstream_model_info",
-                "The model in use (value is always 1)",
-            ),
-            &["name", "version", "threshold"],
-        )?;
-        let ready = Gauge::new("fraudstream_ready", "1 when the detector can work")?;
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new(
-                "fraudstream_consumer_lag",
-                "Messages behind the partition's high watermark (librdkafka statistics)",
-            ),
-            &["topic", "partition"],
-        )?;
-        let labels = IntCounterVec::new(
-            Opts::new(
-                "fraudstream_labels_total",
-                "Fraud labels received, by source",
-            ),
-            &["source"],
-        )?;
-        let labels_unmatched = IntCounter::new(
-            "fraudstream_labels_unmatched_total",
-            "Labels whose transaction's score is not remembered",
-        )?;
-        let label_outcomes = IntCounterVec::new(
-            Opts::new(
-                "fraudstream_label_outcomes_total",
-                "Labelled decisions by model version and outcome",
-            ),
-            &["model_version", "outcome"],
-        )?;
-        let label_delay_seconds = Histogram::with_opts(
-            HistogramOpts::new(
+                exponential(0.001, 2.0, 16),
+            )?)?,
+            live_cards: r.add(IntGauge::new(
+                "fraudstream_live_cards",
+                "Cards whose windows are held",
+            )?)?,
+            evicted_cards: r.add(IntCounter::new(
+                "fraudstream_evicted_cards_total",
+                "Cards evicted (idle or over the cap)",
+            )?)?,
+            model_info: r.add(GaugeVec::new(
+                vec("fraudstream_model_info", "The model in use (value is always 1)"),
+                &["name", "version", "threshold"],
+            )?)?,
+            ready: r.add(Gauge::new(
+                "fraudstream_ready",
+                "1 when the detector can work",
+            )?)?,
+            consumer_lag: r.add(IntGaugeVec::new(
+                vec(
+                    "fraudstream_consumer_lag",
+                    "Messages behind the partition's high watermark (librdkafka statistics)",
+                ),
+                &["topic", "partition"],
+            )?)?,
+            labels: r.add(IntCounterVec::new(
+                vec("fraudstream_labels_total", "Fraud labels received, by source"),
+                &["source"],
+            )?)?,
+            labels_unmatched: r.add(IntCounter::new(
+                "fraudstream_labels_unmatched_total",
+                "Labels whose transaction's score is not remembered",
+            )?)?,
+            label_outcomes: r.add(IntCounterVec::new(
+                vec(
+                    "fraudstream_label_outcomes_total",
+                    "Labelled decisions by model version and outcome",
+                ),
+                &["model_version", "outcome"],
+            )?)?,
+            label_delay_seconds: r.add(histogram(
                 "fraudstream_label_delay_seconds",
                 "From the decision to the arrival of its label",
-            )
-            .buckets(exponential(1.0, 4.0, 12)),
-        )?;
-        let window = |name: &str, help: &str| {
-            GaugeVec::new(Opts::new(name.to_string(), help.to_string()), &["window"])
+                exponential(1.0, 4.0, 12),
+            )?)?,
+            live_precision: r.add(window(
+                "fraudstream_live_precision",
+                "Precision of labelled decisions over a sliding window (NaN: no labelled alert)",
+            )?)?,
+            live_recall: r.add(window(
+                "fraudstream_live_recall",
+                "Recall of labelled frauds over a sliding window (NaN: no labelled fraud)",
+            )?)?,
+            live_f1: r.add(window(
+                "fraudstream_live_f1",
+                "F1 of live precision and recall over a sliding window",
+            )?)?,
+            remembered_scores: r.add(IntGauge::new(
+                "fraudstream_remembered_scores",
+                "Scores remembered until their labels arrive",
+            )?)?,
+            recent_alerts: Default::default(),
+            names: Vec::new(),
+            ready_flag: Default::default(),
+            broker_flag: std::sync::Arc::new(AtomicBool::new(true)),
+            registry: registry.clone(),
         };
-        let live_precision = window(
-            "fraudstream_live_precision",
-            "Precision of labelled decisions over a sliding window (NaN: no labelled alert)",
-        )?;
-        let live_recall = window(
-            "fraudstream_live_recall",
-            "Recall of labelled frauds over a sliding window (NaN: no labelled fraud)",
-        )?;
-        let live_f1 = window(
-            "fraudstream_live_f1",
-            "F1 of live precision and recall over a sliding window",
-        )?;
-        let remembered_scores = IntGauge::new(
-            "fraudstream_remembered_scores",
-            "Scores remembered until their labels arrive",
-        )?;
-        let mut names = Vec::new();
-        for c in [
-            Box::new(transactions.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(alerts.clone()),
-            Box::new(dead_letters.clone()),
-            Box::new(batch_size.clone()),
-            Box::new(inference_seconds.clone()),
-            Box::new(end_to_end_seconds.clone()),
-            Box::new(live_cards.clone()),
-            Box::new(evicted_cards.clone()),
-            Box::new(model_info.clone()),
-            Box::new(ready.clone()),
-            Box::new(consumer_lag.clone()),
-            Box::new(labels.clone()),
-            Box::new(labels_unmatched.clone()),
-            Box::new(label_outcomes.clone()),
-            Box::new(label_delay_seconds.clone()),
-            Box::new(live_precision.clone()),
-            Box::new(live_recall.clone()),
-            Box::new(live_f1.clone()),
-            Box::new(remembered_scores.clone()),
-        ] {
-            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
-            registry.register(c)?;
-        }
         // Undefined until labels arrive: NaN, which dashboards show as a gap, not as 0.
-        for (w, _) in super::quality::WINDOWS {
-            for g in [&live_precision, &live_recall, &live_f1] {
+        for (w, _) in WINDOWS {
+            for g in [&m.live_precision, &m.live_recall, &m.live_f1] {
                 g.with_label_values(&[w]).set(f64::NAN);
             }
         }
         #[cfg(target_os = "linux")]
         {
-            let process = prometheus::process_collector::ProcessCollector::for_self();
             use prometheus::core::Collector;
-            names.extend(process.desc().iter().map(|d| d.fq_name.clone()));
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            r.names
+                .extend(process.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(Box::new(process))?;
         }
         Ok(Metrics {
-            registry,
-            transactions,
-            alerts,
-            dead_letters,
-            batch_size,
-            inference_seconds,
-            end_to_end_seconds,
-            live_cards,
-            evicted_cards,
-            model_info,
-            ready,
-            consumer_lag,
-            labels,
-            labels_unmatched,
-            label_outcomes,
-            label_delay_seconds,
-            live_precision,
-            live_recall,
-            live_f1,
-            remembered_scores,
-            recent: Default::default(),
-            names,
-            ready_flag: Default::default(),
-            broker_flag: std::sync::Arc::new(AtomicBool::new(true)),
+            names: r.names,
+            ..m
         })
     }
 
@@ -333,5 +342,21 @@ impl Metrics {
             .encode_utf8(&self.registry.gather(), &mut buf)
             .expect("text encoding cannot fail");
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_alert_table_keeps_the_latest_first() {
+        let r = RecentAlerts::default();
+        for i in 0..(RECENT_ALERTS + 5) {
+            r.push(&serde_json::json!({ "n": i }));
+        }
+        let a = r.latest();
+        assert_eq!(a.len(), RECENT_ALERTS);
+        assert_eq!(a[0]["n"], RECENT_ALERTS + 4);
     }
 }

@@ -6,9 +6,10 @@ pub mod http;
 pub mod metrics;
 pub mod quality;
 
+pub use dashboard::Dashboard;
 pub use http::{router, spawn_server};
 pub use metrics::Metrics;
-pub use quality::{Label, LiveQuality, QualitySettings};
+pub use quality::{Joined, LiveQuality, QualitySettings};
 
 /// Logs to stderr at `RUST_LOG` (default `info`).
 pub fn init_logging() {

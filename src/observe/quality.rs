@@ -11,196 +11,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use serde::Deserialize;
-use thiserror::Error;
-
-use super::metrics::Metrics;
+use super::metrics::{Metrics, WINDOWS};
+use crate::schema::{Confusion, Label, LabelOutcome};
 
 /// How long one bucket of the sliding windows lasts.
 const BUCKET_MS: i64 = 10_000;
-/// The sliding windows, with the label value they export under.
-pub const WINDOWS: [(&str, i64); 2] = [("5m", 5 * 60_000), ("1h", 3_600_000)];
 const BUCKETS: usize = (3_600_000 / BUCKET_MS) as usize;
-
-/// A label's verdict on a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LabelOutcome {
-    /// Alerted, and fraud.
-    TruePositive,
-    /// Alerted, and legitimate.
-    FalsePositive,
-    /// Not alerted, and fraud.
-    FalseNegative,
-    /// Not alerted, and legitimate.
-    TrueNegative,
-}
-
-impl LabelOutcome {
-    /// From the decision and the label.
-    pub fn of(alerted: bool, is_fraud: bool) -> Self {
-        match (alerted, is_fraud) {
-            (true, true) => LabelOutcome::TruePositive,
-            (true, false) => LabelOutcome::FalsePositive,
-            (false, true) => LabelOutcome::FalseNegative,
-            (false, false) => LabelOutcome::TrueNegative,
-        }
-    }
-
-    /// The metric label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LabelOutcome::TruePositive => "true_positive",
-            LabelOutcome::FalsePositive => "false_positive",
-            LabelOutcome::FalseNegative => "false_negative",
-            LabelOutcome::TrueNegative => "true_negative",
-        }
-    }
-}
-
-/// Counts of each outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Confusion {
-    /// True positives.
-    pub tp: u64,
-    /// False positives.
-    pub fp: u64,
-    /// False negatives.
-    pub fn_: u64,
-    /// True negatives.
-    pub tn: u64,
-}
-
-impl Confusion {
-    fn add(&mut self, o: LabelOutcome) {
-        match o {
-            LabelOutcome::TruePositive => self.tp += 1,
-            LabelOutcome::FalsePositive => self.fp += 1,
-            LabelOutcome::FalseNegative => self.fn_ += 1,
-            LabelOutcome::TrueNegative => self.tn += 1,
-        }
-    }
-
-    fn merge(&mut self, o: &Confusion) {
-        self.tp += o.tp;
-        self.fp += o.fp;
-        self.fn_ += o.fn_;
-        self.tn += o.tn;
-    }
-
-    /// Alerts that were fraud; NaN before any labelled alert (undefined, not zero).
-    pub fn precision(&self) -> f64 {
-        ratio(self.tp, self.tp + self.fp)
-    }
-
-    /// Frauds that were alerted; NaN before any labelled fraud.
-    pub fn recall(&self) -> f64 {
-        ratio(self.tp, self.tp + self.fn_)
-    }
-
-    /// Harmonic mean of the two; NaN when either is undefined, 0 when both are 0.
-    pub fn f1(&self) -> f64 {
-        let (p, r) = (self.precision(), self.recall());
-        if p.is_nan() || r.is_nan() {
-            f64::NAN
-        } else if p + r == 0.0 {
-            0.0
-        } else {
-            2.0 * p * r / (p + r)
-        }
-    }
-}
-
-fn ratio(a: u64, b: u64) -> f64 {
-    if b == 0 {
-        f64::NAN
-    } else {
-        a as f64 / b as f64
-    }
-}
-
-/// A label message on the labels topic.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Label {
-    /// The transaction it judges.
-    pub transaction_id: String,
-    /// Whether it was fraud.
-    pub is_fraud: bool,
-    /// When the label was made (RFC 3339); informational.
-    #[serde(default)]
-    pub labelled_at: Option<String>,
-}
-
-/// A label message that cannot be used, naming the field at fault.
-#[derive(Debug, Error, PartialEq)]
-pub enum LabelError {
-    /// Not JSON, or not an object.
-    #[error("label is not a JSON object: {0}")]
-    NotAnObject(String),
-    /// A required field is missing or of the wrong type.
-    #[error("label field `{field}`: {problem}")]
-    Field {
-        /// The field.
-        field: &'static str,
-        /// What is wrong with it.
-        problem: String,
-    },
-}
-
-impl LabelError {
-    /// The dead-letter reason.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            LabelError::NotAnObject(_) => "invalid_label_json",
-            LabelError::Field { .. } => "invalid_label",
-        }
-    }
-
-    /// The field at fault, if one is.
-    pub fn field(&self) -> Option<&'static str> {
-        match self {
-            LabelError::NotAnObject(_) => None,
-            LabelError::Field { field, .. } => Some(field),
-        }
-    }
-}
-
-impl Label {
-    /// Parses a label; `is_fraud` may be a boolean or 0/1, `transaction_id` a string or number.
-    pub fn parse(payload: &[u8]) -> Result<Label, LabelError> {
-        let v: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| LabelError::NotAnObject(e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| LabelError::NotAnObject("not an object".into()))?;
-        let field = |field: &'static str, problem: &str| LabelError::Field {
-            field,
-            problem: problem.to_string(),
-        };
-        let transaction_id = match obj.get("transaction_id") {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(_) => return Err(field("transaction_id", "must be a non-empty string")),
-            None => return Err(field("transaction_id", "missing")),
-        };
-        let is_fraud = match obj.get("is_fraud") {
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::Number(n)) if n.as_f64() == Some(1.0) => true,
-            Some(serde_json::Value::Number(n)) if n.as_f64() == Some(0.0) => false,
-            Some(_) => return Err(field("is_fraud", "must be true/false or 1/0")),
-            None => return Err(field("is_fraud", "missing")),
-        };
-        let labelled_at = match obj.get("labelled_at") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(field("labelled_at", "must be an RFC 3339 string")),
-        };
-        Ok(Label {
-            transaction_id,
-            is_fraud,
-            labelled_at,
-        })
-    }
-}
 
 /// How many scores to remember, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,12 +31,21 @@ pub struct QualitySettings {
     pub label_wait_ms: i64,
 }
 
+impl QualitySettings {
+    /// A million scores: about 110 MB at the 107 bytes per score `fraudstream bench` measures.
+    pub const DEFAULT_MAX_SCORES: usize = 1_000_000;
+    /// A day: labels that take longer than that no longer reach live quality.
+    pub const DEFAULT_TTL_MS: u64 = 24 * 3_600_000;
+    /// Two minutes: a detector behind by more than that has a lag alert firing anyway.
+    pub const DEFAULT_LABEL_WAIT_MS: i64 = 120_000;
+}
+
 impl Default for QualitySettings {
     fn default() -> Self {
         QualitySettings {
-            max_scores: 1_000_000,
-            ttl_ms: 24 * 3_600_000,
-            label_wait_ms: 120_000,
+            max_scores: Self::DEFAULT_MAX_SCORES,
+            ttl_ms: Self::DEFAULT_TTL_MS as i64,
+            label_wait_ms: Self::DEFAULT_LABEL_WAIT_MS,
         }
     }
 }
@@ -414,9 +239,13 @@ impl LiveQuality {
             let c = self.window(ms, now_ms);
             m.live_precision
                 .with_label_values(&[name])
-                .set(c.precision());
-            m.live_recall.with_label_values(&[name]).set(c.recall());
-            m.live_f1.with_label_values(&[name]).set(c.f1());
+                .set(c.precision().unwrap_or(f64::NAN));
+            m.live_recall
+                .with_label_values(&[name])
+                .set(c.recall().unwrap_or(f64::NAN));
+            m.live_f1
+                .with_label_values(&[name])
+                .set(c.f1().unwrap_or(f64::NAN));
         }
     }
 
@@ -577,28 +406,5 @@ mod tests {
         off.remember("a", true, 0, &m);
         assert_eq!(off.remembered(), 0);
         assert_eq!(off.label(&label("a", true), 0, &m), Joined::Unmatched);
-    }
-
-    #[test]
-    fn label_messages_are_validated_field_by_field() {
-        let ok = Label::parse(
-            br#"{"transaction_id":"t1","is_fraud":1,"labelled_at":"2026-01-01T00:00:00Z"}"#,
-        )
-        .unwrap();
-        assert_eq!((ok.transaction_id.as_str(), ok.is_fraud), ("t1", true));
-        assert!(
-            !Label::parse(br#"{"transaction_id":7,"is_fraud":false}"#)
-                .unwrap()
-                .is_fraud
-        );
-        let e = Label::parse(br#"{"is_fraud":true}"#).unwrap_err();
-        assert_eq!(e.field(), Some("transaction_id"));
-        let e = Label::parse(br#"{"transaction_id":"t","is_fraud":"yes"}"#).unwrap_err();
-        assert_eq!((e.field(), e.reason()), (Some("is_fraud"), "invalid_label"));
-        let e = Label::parse(b"not json").unwrap_err();
-        assert_eq!(e.reason(), "invalid_label_json");
-        let e =
-            Label::parse(br#"{"transaction_id":"t","is_fraud":true,"labelled_at":5}"#).unwrap_err();
-        assert_eq!(e.field(), Some("labelled_at"));
     }
 }

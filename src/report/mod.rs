@@ -5,9 +5,30 @@ pub mod plots;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use thiserror::Error;
+
 use crate::model::Manifest;
-use crate::train::EpochRecord;
 use crate::train::metrics::{self, Summary};
+use crate::train::{EpochRecord, TrainingReport};
+
+/// Why the report could not be written.
+#[derive(Debug, Error)]
+pub enum ReportError {
+    /// The directory or the page could not be written.
+    #[error("writing the report: {0}")]
+    Io(#[from] std::io::Error),
+    /// No font to draw the plots' text with.
+    #[error("{0}")]
+    Font(String),
+    /// A plot failed.
+    #[error("plot {name}: {message}")]
+    Plot {
+        /// Which plot.
+        name: &'static str,
+        /// The plotting library's error.
+        message: String,
+    },
+}
 
 /// Everything the report shows.
 pub struct ReportInput<'a> {
@@ -26,16 +47,13 @@ pub struct ReportInput<'a> {
 }
 
 /// Writes `index.html` and its PNGs into `dir`; returns the HTML path.
-pub fn write(dir: &Path, input: &ReportInput) -> anyhow::Result<PathBuf> {
+pub fn write(dir: &Path, input: &ReportInput) -> Result<PathBuf, ReportError> {
     std::fs::create_dir_all(dir)?;
-    plots::ensure_font().map_err(anyhow::Error::msg)?;
+    plots::ensure_font().map_err(ReportError::Font)?;
     let s = input.summary;
     let png = |name: &str| dir.join(name);
-    let history: Vec<EpochRecord> = input
-        .manifest
-        .training
-        .get("history")
-        .and_then(|h| serde_json::from_value(h.clone()).ok())
+    let history: Vec<EpochRecord> = TrainingReport::of(input.manifest)
+        .map(|r| r.history)
         .unwrap_or_default();
     let curve = metrics::pr_curve(input.scores, input.labels);
     let roc = metrics::roc_curve(input.scores, input.labels);
@@ -48,8 +66,9 @@ pub fn write(dir: &Path, input: &ReportInput) -> anyhow::Result<PathBuf> {
         .chain(roc.last().copied())
         .collect();
     let prevalence = s.frauds as f64 / s.transactions.max(1) as f64;
-    let plot =
-        |r: Result<(), String>, name: &str| r.map_err(|e| anyhow::anyhow!("plot {name}: {e}"));
+    let plot = |r: Result<(), String>, name: &'static str| {
+        r.map_err(|message| ReportError::Plot { name, message })
+    };
     plot(
         plots::class_distribution(
             &png("class_distribution.png"),
@@ -105,7 +124,9 @@ fn render(input: &ReportInput, history: &[EpochRecord], has_history: bool) -> St
     let m = input.manifest;
     let s = input.summary;
     let c = &s.confusion;
+    // Undefined ratios print as 0, as scikit-learn's classification report does.
     let (np, nr) = c.negative_precision_recall();
+    let (np, nr) = (np.unwrap_or(0.0), nr.unwrap_or(0.0));
     let mut h = String::new();
     let _ = write!(
         h,

@@ -65,6 +65,17 @@ pub enum SchemaError {
 }
 
 impl SchemaError {
+    /// Every [`SchemaError::reason`], for documentation and the metric's label values.
+    pub const REASONS: [&'static str; 7] = [
+        "missing",
+        "not_a_number",
+        "non_finite",
+        "wrong_type",
+        "bad_timestamp",
+        "empty_key",
+        "bad_label",
+    ];
+
     /// The field the error is about.
     pub fn field(&self) -> &str {
         match self {
@@ -103,4 +114,42 @@ pub(crate) fn clip(s: &str) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_has_a_listed_reason() {
+        let f = || "f".to_string();
+        let all = [
+            SchemaError::Missing { field: f() },
+            SchemaError::NotANumber {
+                field: f(),
+                value: f(),
+            },
+            SchemaError::NonFinite {
+                field: f(),
+                value: f(),
+            },
+            SchemaError::WrongType {
+                field: f(),
+                expected: "x",
+                got: "y",
+            },
+            SchemaError::BadTimestamp {
+                field: f(),
+                value: f(),
+            },
+            SchemaError::EmptyKey { field: f() },
+            SchemaError::BadLabel {
+                field: f(),
+                value: f(),
+            },
+        ];
+        let reasons: Vec<&str> = all.iter().map(SchemaError::reason).collect();
+        assert_eq!(reasons, SchemaError::REASONS);
+        assert!(all.iter().all(|e| e.field() == "f"));
+    }
 }

@@ -90,7 +90,8 @@ enum Inner {
     Jsonl {
         lines: BufReader<Box<dyn Read + Send>>,
         line: u64,
-        buf: String,
+        /// The last line read, as bytes: a line that is not UTF-8 is a bad row, not a failure.
+        buf: Vec<u8>,
     },
 }
 
@@ -124,7 +125,7 @@ impl RecordReader {
             Format::Jsonl => Inner::Jsonl {
                 lines: BufReader::with_capacity(1 << 16, src),
                 line: 0,
-                buf: String::new(),
+                buf: Vec::new(),
             },
         };
         Ok(RecordReader {
@@ -148,6 +149,21 @@ impl RecordReader {
             }
         }
         Ok(())
+    }
+
+    /// The text of the JSONL line [`RecordReader::next_row`] last returned (None for CSV): what
+    /// a dead letter should carry, byte for byte.
+    pub fn last_line(&self) -> Option<&[u8]> {
+        match &self.inner {
+            Inner::Jsonl { buf, .. } => {
+                let end = buf
+                    .iter()
+                    .rposition(|b| *b != b'\n' && *b != b'\r')
+                    .map_or(0, |i| i + 1);
+                Some(&buf[..end])
+            }
+            Inner::Csv { .. } => None,
+        }
     }
 
     /// The next row: `None` at end of file, `Some(Err)` for a fatal I/O error.
@@ -177,7 +193,7 @@ impl RecordReader {
             }
             Inner::Jsonl { lines, line, buf } => loop {
                 buf.clear();
-                match lines.read_line(buf) {
+                match lines.read_until(b'\n', buf) {
                     Ok(0) => return None,
                     Ok(_) => *line += 1,
                     Err(source) => {
@@ -187,10 +203,10 @@ impl RecordReader {
                         }));
                     }
                 }
-                if buf.trim().is_empty() {
+                if buf.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let row = match serde_json::from_str::<Value>(buf) {
+                let row = match serde_json::from_slice::<Value>(buf) {
                     Ok(Value::Object(map)) => Ok(RawRow::Json(map)),
                     Ok(_) => Err(RowError::Syntax("not a JSON object".into())),
                     Err(e) => Err(RowError::Syntax(format!("invalid JSON: {e}"))),
@@ -214,6 +230,14 @@ pub enum RawRow {
 }
 
 impl RawRow {
+    /// The row as a JSON object (CSV cells through [`CsvRow::to_json`]).
+    pub fn into_json(self) -> Map<String, Value> {
+        match self {
+            RawRow::Json(m) => m,
+            RawRow::Csv(c) => c.to_json(),
+        }
+    }
+
     /// Validates the row against a spec.
     pub fn parse(&self, spec: &FeatureSpec) -> Result<Transaction, SchemaError> {
         match self {

@@ -107,6 +107,27 @@ impl CsvRow {
     }
 }
 
+impl CsvRow {
+    /// The row as the JSON object a producer of real data would send: numbers stay numbers,
+    /// everything else is text. One conversion for every command that turns CSV into messages.
+    pub fn to_json(&self) -> Map<String, Value> {
+        self.fields()
+            .map(|(k, v)| (k.to_string(), json_cell(v)))
+            .collect()
+    }
+}
+
+/// A CSV cell as a JSON value: an integer or finite number when it parses as one, else text.
+fn json_cell(v: &str) -> Value {
+    if let Ok(i) = v.parse::<i64>() {
+        return Value::from(i);
+    }
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::from(f),
+        _ => Value::String(v.to_string()),
+    }
+}
+
 impl Record for CsvRow {
     fn field(&self, name: &str) -> Field<'_> {
         match self.header.index.get(name).and_then(|&i| self.cells.get(i)) {

@@ -1,27 +1,55 @@
-//! The per-record logic of the detector, independent of transport: parse and validate, update
-//! the card's window, and turn a score into an alert.
+//! The per-record logic of the detector, independent of transport: parse and validate a message,
+//! update its card's window (`ingest`), and say what a score means (alert or not).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::Value;
 
 use super::records::{
-    Alert, AttentionRef, DeadLetter, Envelope, ModelRef, ScoreRecord, Source, now_rfc3339,
+    Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, now_rfc3339,
     time_rfc3339,
 };
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
-use crate::observe::Metrics;
-use crate::observe::quality::{Joined, Label, LiveQuality, QualitySettings};
-use crate::schema::FeatureSpec;
+use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings};
+use crate::schema::{FeatureSpec, Label};
+
+/// Messages larger than this are dead-lettered unparsed (1 MiB, Kafka's default
+/// `message.max.bytes`: nothing larger reaches a default topic anyway).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+
+/// How many of the attended transactions an alert names: enough for an analyst to look at,
+/// few enough to read at a glance.
+pub const TOP_ATTENTION: usize = 3;
+
+/// What the detector keeps and accepts, besides its model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorSettings {
+    /// Larger messages are dead-lettered without parsing.
+    pub max_message_bytes: usize,
+    /// How many cards' windows are kept, and for how long.
+    pub limits: StateLimits,
+    /// Scores remembered for labels from a labels topic (`max_scores` 0: only inline labels).
+    pub quality: QualitySettings,
+}
+
+impl Default for DetectorSettings {
+    fn default() -> Self {
+        DetectorSettings {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            limits: StateLimits::default(),
+            quality: QualitySettings {
+                max_scores: 0,
+                ..QualitySettings::default()
+            },
+        }
+    }
+}
 
 /// A transaction whose window is ready to score.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    /// Where it came from.
-    pub source: Source,
-    /// Transport timestamp (ms), for end-to-end latency.
-    pub timestamp_ms: Option<i64>,
     /// Transaction id.
     pub transaction_id: Option<String>,
     /// Card.
@@ -35,18 +63,31 @@ pub struct Pending {
     /// The window (`window * width` floats).
     pub window: Vec<f32>,
     /// Transaction ids aligned with the window's rows.
-    pub window_ids: Vec<Option<std::sync::Arc<str>>>,
+    pub window_ids: Vec<Option<Arc<str>>>,
 }
 
 /// What one input message became.
 #[derive(Debug, Clone)]
-pub enum Ingested {
+pub enum Ingest {
     /// Ready to score.
     Window(Box<Pending>),
     /// Bad input: publish this dead letter and move on.
     Invalid(Box<DeadLetter>),
     /// A redelivered transaction already in its card's window: nothing to do.
-    Duplicate(Source),
+    Duplicate,
+}
+
+/// An ingested message with where and when it came from.
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    /// Where it was read (and under which assignment generation).
+    pub origin: Origin,
+    /// Transport timestamp (ms), for end-to-end latency.
+    pub timestamp_ms: Option<i64>,
+    /// When it was ingested, for latency when there is no transport timestamp.
+    pub at: Instant,
+    /// What it became.
+    pub kind: Ingest,
 }
 
 /// The scored decision for one transaction.
@@ -60,7 +101,8 @@ pub struct Decision {
     pub attention: Vec<f32>,
 }
 
-/// Card state plus model: everything needed to go from a message to a decision.
+/// Card state plus model: everything needed to go from a message to a decision, and the live
+/// quality that labels update.
 #[derive(Debug)]
 pub struct Detector {
     spec: FeatureSpec,
@@ -68,19 +110,14 @@ pub struct Detector {
     model: Arc<FastModel>,
     threshold: f64,
     model_ref: ModelRef,
-    max_message_bytes: usize,
+    settings: DetectorSettings,
     metrics: Arc<Metrics>,
     quality: LiveQuality,
 }
 
 impl Detector {
-    /// A detector for a loaded bundle; larger messages are dead-lettered unparsed.
-    pub fn new(
-        bundle: &Bundle,
-        max_message_bytes: usize,
-        limits: StateLimits,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// A detector for a loaded bundle.
+    pub fn new(bundle: &Bundle, settings: DetectorSettings, metrics: Arc<Metrics>) -> Self {
         let m = &bundle.manifest;
         metrics
             .model_info
@@ -88,7 +125,7 @@ impl Detector {
             .set(1.0);
         Detector {
             spec: m.spec.clone(),
-            store: CardStore::with_limits(bundle.window_builder(), limits, wall_clock()),
+            store: CardStore::with_limits(bundle.window_builder(), settings.limits, wall_clock()),
             model: Arc::new(bundle.fast.clone()),
             threshold: m.threshold.value,
             model_ref: ModelRef {
@@ -96,72 +133,20 @@ impl Detector {
                 version: m.version.clone(),
                 sha256: m.weights_sha256.clone(),
             },
-            max_message_bytes,
+            settings,
             metrics,
-            quality: LiveQuality::new(
-                QualitySettings {
-                    max_scores: 0,
-                    ..QualitySettings::default()
-                },
-                &m.version,
-            ),
+            quality: LiveQuality::new(settings.quality, &m.version),
         }
-    }
-
-    /// Remembers scores for labels from a labels topic (by default only inline labels count).
-    pub fn with_label_memory(mut self, settings: QualitySettings) -> Self {
-        self.quality = LiveQuality::new(settings, &self.model_ref.version);
-        self
-    }
-
-    /// Counts a decision once its outputs are handed on: metrics, the dashboard's alert table,
-    /// and live quality (an inline label joins now; otherwise the score waits for its label).
-    pub fn record(&self, d: &Decision, alert: Option<&Alert>) {
-        let alerted = alert.is_some();
-        self.metrics.scored(alerted);
-        if let Some(a) = alert {
-            self.metrics.recent.alert(a);
-        }
-        // The clock is read only when a label is counted or a score remembered.
-        let now = || chrono::Utc::now().timestamp_millis();
-        match (d.pending.label, &d.pending.transaction_id) {
-            (Some(is_fraud), _) => {
-                self.quality.inline(alerted, is_fraud, now(), &self.metrics);
-            }
-            (None, Some(id)) if self.quality.remembers() => {
-                self.quality.remember(id, alerted, now(), &self.metrics)
-            }
-            _ => {}
-        }
-    }
-
-    /// Joins a message from the labels topic to its score; a bad label comes back as the
-    /// dead letter to publish.
-    pub fn label(&self, env: &Envelope) -> Result<Joined, Box<DeadLetter>> {
-        match Label::parse(&env.payload) {
-            Ok(label) => {
-                let now = chrono::Utc::now().timestamp_millis();
-                Ok(self.quality.label(&label, now, &self.metrics))
-            }
-            Err(e) => Err(Box::new(DeadLetter::new(
-                env,
-                e.reason(),
-                e.field(),
-                e.to_string(),
-                self.max_message_bytes,
-            ))),
-        }
-    }
-
-    /// Forgets expired scores and updates the live precision/recall gauges.
-    pub fn refresh_quality(&self) {
-        let now = chrono::Utc::now().timestamp_millis();
-        self.quality.refresh(now, &self.metrics);
     }
 
     /// The metrics every stage updates.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Live precision and recall from labels.
+    pub fn quality(&self) -> &LiveQuality {
+        &self.quality
     }
 
     /// The scoring network (shared with the scorer thread).
@@ -174,6 +159,11 @@ impl Detector {
         self.threshold
     }
 
+    /// The settings it runs with.
+    pub fn settings(&self) -> &DetectorSettings {
+        &self.settings
+    }
+
     /// Live cards.
     pub fn cards(&self) -> usize {
         self.store.len()
@@ -184,38 +174,54 @@ impl Detector {
         self.store.evict()
     }
 
-    /// Cards evicted so far.
+    /// Cards evicted so far, by the sweep or by the cap.
     pub fn evicted(&self) -> u64 {
         self.store.evicted()
     }
 
+    /// Brings the card gauges up to date: live cards, and evictions (by the sweep or the cap)
+    /// counted from the store's own total.
+    pub fn sync_card_metrics(&self) {
+        let m = &self.metrics;
+        m.evicted_cards
+            .inc_by(self.evicted().saturating_sub(m.evicted_cards.get()));
+        m.live_cards.set(self.cards() as i64);
+    }
+
+    /// Forgets the cards read from these input partitions (revoked: their next owner keeps
+    /// them). A card whose transactions come back later starts from an empty window rather than
+    /// one holding transactions whose outputs were dropped.
+    pub fn forget_partitions(&self, partitions: &[i32]) -> usize {
+        self.store.forget_shards(partitions)
+    }
+
     /// Parses, validates and windows one message. Never panics on input.
     pub fn ingest(&self, env: &Envelope) -> Ingested {
+        Ingested {
+            origin: Origin::from(env),
+            timestamp_ms: env.timestamp_ms,
+            at: Instant::now(),
+            kind: self.window(env),
+        }
+    }
+
+    fn window(&self, env: &Envelope) -> Ingest {
+        let limit = self.settings.max_message_bytes;
         let dead = |reason: &str, field: Option<&str>, error: String| {
-            Ingested::Invalid(Box::new(DeadLetter::new(
-                env,
-                reason,
-                field,
-                error,
-                self.max_message_bytes,
-            )))
+            Ingest::Invalid(Box::new(DeadLetter::new(env, reason, field, error, limit)))
         };
-        if env.payload.len() > self.max_message_bytes {
+        if env.payload.len() > limit {
             let error = format!(
-                "message of {} bytes exceeds the {} byte limit",
-                env.payload.len(),
-                self.max_message_bytes
+                "message of {} bytes exceeds the {limit} byte limit",
+                env.payload.len()
             );
             return dead("oversized", None, error);
         }
         let map = match serde_json::from_slice::<Value>(&env.payload) {
             Ok(Value::Object(map)) => map,
             Ok(_) => {
-                return dead(
-                    "not_an_object",
-                    None,
-                    "message is JSON but not an object".into(),
-                );
+                let error = "message is JSON but not an object".to_string();
+                return dead("not_an_object", None, error);
             }
             Err(e) => return dead("invalid_json", None, format!("invalid JSON: {e}")),
         };
@@ -223,11 +229,9 @@ impl Detector {
             Ok(tx) => tx,
             Err(e) => return dead(e.reason(), Some(e.field()), e.to_string()),
         };
-        match self.store.observe_with_ids(&tx) {
-            None => Ingested::Duplicate(Source::from(env)),
-            Some((w, ids)) => Ingested::Window(Box::new(Pending {
-                source: Source::from(env),
-                timestamp_ms: env.timestamp_ms,
+        match self.store.observe_with_ids(&tx, env.partition) {
+            None => Ingest::Duplicate,
+            Some((w, ids)) => Ingest::Window(Box::new(Pending {
                 transaction_id: tx.id,
                 card_id: tx.key,
                 ts: tx.ts,
@@ -239,20 +243,38 @@ impl Detector {
         }
     }
 
+    /// Parses a message of the labels topic and joins it to its score; a bad label comes back
+    /// as the dead letter to publish.
+    pub fn label(&self, env: &Envelope) -> Result<Joined, Box<DeadLetter>> {
+        match Label::parse(&env.payload) {
+            Ok(label) => {
+                let now = chrono::Utc::now().timestamp_millis();
+                Ok(self.quality.label(&label, now, &self.metrics))
+            }
+            Err(e) => Err(Box::new(DeadLetter::new(
+                env,
+                e.reason(),
+                e.field(),
+                e.to_string(),
+                self.settings.max_message_bytes,
+            ))),
+        }
+    }
+
     /// Whether a decision alerts.
     pub fn alerts(&self, d: &Decision) -> bool {
         f64::from(d.score) >= self.threshold
     }
 
     /// The alert for a decision (whether or not it reaches the threshold).
-    pub fn alert(&self, d: &Decision) -> Alert {
+    pub fn alert(&self, d: &Decision, origin: &Origin) -> Alert {
         let p = &d.pending;
         let mut order: Vec<usize> = (0..d.attention.len()).collect();
         order.sort_by(|&a, &b| d.attention[b].total_cmp(&d.attention[a]).then(b.cmp(&a)));
         let last = d.attention.len().saturating_sub(1);
         let top_attention = order
             .into_iter()
-            .take(3)
+            .take(TOP_ATTENTION)
             .filter(|&i| d.attention[i] > 0.0)
             .map(|i| AttentionRef {
                 age: last - i,
@@ -275,12 +297,12 @@ impl Detector {
             window_length: p.len,
             top_attention,
             detected_at: now_rfc3339(),
-            source: p.source.clone(),
+            source: origin.clone(),
         }
     }
 
     /// The score record for a decision.
-    pub fn score_record(&self, d: &Decision) -> ScoreRecord {
+    pub fn score_record(&self, d: &Decision, origin: &Origin) -> ScoreRecord {
         let p = &d.pending;
         ScoreRecord {
             transaction_id: p.transaction_id.clone(),
@@ -289,22 +311,28 @@ impl Detector {
             score: d.score,
             alert: self.alerts(d),
             model_version: self.model_ref.version.clone(),
-            source: p.source.clone(),
+            source: origin.clone(),
         }
     }
 }
 
-/// Sweeps idle and excess cards every second until the returned handle is aborted.
+/// How often idle and excess cards are swept and the live-quality gauges refreshed.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sweeps idle and excess cards and refreshes live quality every [`SWEEP_EVERY`] until the
+/// returned handle is aborted. Evictions are counted from the store's own total, so those the
+/// cap makes between sweeps count too.
 pub fn spawn_evictor(detector: Arc<Detector>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
         loop {
             tick.tick().await;
             let n = detector.evict();
-            detector.refresh_quality();
             let m = detector.metrics();
-            m.evicted_cards.inc_by(n as u64);
-            m.live_cards.set(detector.cards() as i64);
+            detector
+                .quality
+                .refresh(chrono::Utc::now().timestamp_millis(), m);
+            detector.sync_card_metrics();
             if n > 0 {
                 tracing::debug!(evicted = n, "evicted idle cards");
             }

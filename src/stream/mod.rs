@@ -1,19 +1,178 @@
-//! The detector's pipeline: source -> card state -> micro-batcher -> scorer -> sink.
+//! The detector's pipeline, one for every transport:
 //!
-//! [`Detector::ingest`] turns a message into a window (or a dead letter), [`batcher`] scores
-//! windows in batches off the async reactor, and a transport writes alerts, scores and dead
-//! letters. [`embedded`] is the file/stdin transport.
+//! ```text
+//! Source::next -> Detector::ingest -> batcher::score_loop -> settle::settle -> Sink::publish -> acks::acknowledge
+//!  (read)          (window)            (score)               (settle)          (publish)        (acknowledge)
+//! ```
+//!
+//! [`run`] wires the stages with bounded queues (back-pressure), drops work from partitions
+//! revoked meanwhile before it is published, and on shutdown drains, flushes and lets the
+//! transport commit. [`file`] reads files or stdin and writes JSONL; [`kafka`] is the consumer
+//! group, producer and labels consumer.
 
+pub mod acks;
 pub mod batcher;
 mod detector;
-pub mod embedded;
+pub mod file;
 pub mod kafka;
 mod records;
+pub mod settle;
 mod stats;
 
-pub use batcher::{BatchSettings, Outcome};
-pub use detector::{Decision, Detector, Ingested, Pending};
-pub use embedded::{EmbeddedConfig, Endpoint, run_embedded};
-pub use kafka::{KafkaSettings, run_kafka};
-pub use records::{Alert, AttentionRef, DeadLetter, Envelope, ModelRef, ScoreRecord, Source};
-pub use stats::RunStats;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+pub use acks::{Ack, Assignment, Delivery, OffsetStore};
+pub use batcher::{BatchSettings, Decided, Outcome};
+pub use detector::{
+    DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector, DetectorSettings, Ingest, Ingested, Pending,
+    TOP_ATTENTION, spawn_evictor,
+};
+pub use records::{
+    Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, TRANSPORT_REASONS,
+    dead_letter_reasons,
+};
+pub use settle::{Event, Settled, settle};
+pub use stats::{Run, RunStats, latency};
+
+/// How often a run reports progress (the demo's live line; the bench's completion check).
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Why a run stopped with an error.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    /// The transport could not be set up (broker settings, files).
+    #[error("{0}")]
+    Setup(String),
+    /// The sink could not write (a file), so nothing more can be published.
+    #[error("writing output: {0}")]
+    Sink(String),
+    /// A pipeline task panicked (a bug).
+    #[error("a pipeline task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Where envelopes come from: Kafka partitions, or a file's lines.
+pub trait Source: Send + 'static {
+    /// The next message; `None` once the input has ended (a file; Kafka never ends).
+    fn next(&mut self) -> impl Future<Output = Option<Envelope>> + Send;
+    /// Where handled offsets are stored.
+    fn offsets(&self) -> Arc<dyn OffsetStore>;
+    /// The partitions read, with their generations.
+    fn assignment(&self) -> Arc<Assignment>;
+    /// After the pipeline drained: commit what was stored.
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// Where settled records go: Kafka topics, or JSONL files.
+pub trait Sink: Send + 'static {
+    /// Whether every score is published (score records are built only then).
+    fn wants_scores(&self) -> bool;
+    /// Hands a settled outcome's records to the transport. The acknowledgements resolve once
+    /// they are durable; an error means nothing more can be written (the run stops).
+    fn publish(&mut self, settled: &Settled) -> Result<Vec<Ack>, StreamError>;
+    /// The pipeline has caught up for now (files flush here, so a tail -f reader sees alerts).
+    fn idle(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+    /// End of run: everything handed over is written or delivered.
+    fn flush(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
+}
+
+/// Runs the pipeline until the source ends or `shutdown` resolves; then everything read is
+/// scored, published and acknowledged before it returns. `progress` sees the run's numbers
+/// every [`PROGRESS_EVERY`].
+pub async fn run<S: Source, K: Sink>(
+    detector: Arc<Detector>,
+    mut source: S,
+    mut sink: K,
+    batch: BatchSettings,
+    shutdown: impl Future<Output = ()>,
+    mut progress: impl FnMut(&RunStats),
+) -> Result<RunStats, StreamError> {
+    let run = Arc::new(Run::new(detector.metrics().clone()));
+    let (in_tx, in_rx) = mpsc::channel(batch.queue);
+    let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(batch.queue);
+    let (ack_tx, ack_rx) = mpsc::channel::<Delivery>(batch.queue);
+    let scorer = tokio::spawn(batcher::score_loop(
+        detector.model(),
+        detector.metrics().clone(),
+        batch,
+        in_rx,
+        out_tx,
+    ));
+    let evictor = spawn_evictor(detector.clone());
+    let (offsets, assignment) = (source.offsets(), source.assignment());
+    let acker = {
+        let (run, assignment) = (run.clone(), assignment.clone());
+        tokio::spawn(async move {
+            acks::acknowledge(ack_rx, &*offsets, &assignment, |ts, at| {
+                run.decided(latency(ts, at))
+            })
+            .await
+        })
+    };
+    let publisher = {
+        let (detector, assignment) = (detector.clone(), assignment.clone());
+        tokio::spawn(async move {
+            let scores = sink.wants_scores();
+            while let Some(outcome) = out_rx.recv().await {
+                if !assignment.begin(&outcome.origin) {
+                    Event::Dropped(&outcome.origin).emit(detector.metrics());
+                    continue;
+                }
+                let settled = settle(&detector, outcome, scores);
+                let acks = match sink.publish(&settled) {
+                    Ok(acks) => acks,
+                    Err(e) => {
+                        assignment.stored(&settled.origin);
+                        return Err(e);
+                    }
+                };
+                let delivery = Delivery {
+                    origin: settled.origin,
+                    acks,
+                    timing: settled.timing,
+                };
+                if ack_tx.send(delivery).await.is_err() {
+                    break;
+                }
+                if out_rx.is_empty() {
+                    sink.idle()?;
+                }
+            }
+            sink.flush().await
+        })
+    };
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                tracing::info!("draining: scoring, publishing and acknowledging what was read");
+                break;
+            }
+            _ = tick.tick() => progress(&run.stats()),
+            env = source.next() => match env {
+                // A full queue makes this wait: reading pauses until the scorer catches up.
+                Some(env) => if in_tx.send(detector.ingest(&env)).await.is_err() { break },
+                None => break,
+            },
+        }
+    }
+    drop(in_tx);
+    scorer.await?;
+    let published = publisher.await?;
+    acker.await?;
+    source.close().await;
+    evictor.abort();
+    detector.sync_card_metrics();
+    published?;
+    let stats = run.stats();
+    progress(&stats);
+    Ok(stats)
+}

@@ -16,25 +16,32 @@ pub struct Envelope {
     pub offset: i64,
     /// When the message entered the transport (Kafka timestamp), milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
+    /// The partition's assignment generation at read time (see [`Origin::generation`]).
+    pub generation: u64,
 }
 
-/// Where a record came from, as alerts and dead letters report it.
+/// Where a record came from, as alerts and dead letters report it (`source` in their JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Source {
+pub struct Origin {
     /// Topic or file.
     pub topic: String,
     /// Partition.
     pub partition: i32,
     /// Offset (line number for files).
     pub offset: i64,
+    /// The partition's assignment generation when the record was read: work from an earlier
+    /// generation (the partition was revoked since) is dropped, not published. Not serialised.
+    #[serde(skip)]
+    pub generation: u64,
 }
 
-impl From<&Envelope> for Source {
+impl From<&Envelope> for Origin {
     fn from(e: &Envelope) -> Self {
-        Source {
+        Origin {
             topic: e.topic.clone(),
             partition: e.partition,
             offset: e.offset,
+            generation: e.generation,
         }
     }
 }
@@ -83,7 +90,7 @@ pub struct Alert {
     /// When the detector decided, RFC 3339.
     pub detected_at: String,
     /// Where the transaction was read.
-    pub source: Source,
+    pub source: Origin,
 }
 
 /// Every score (optional output): the small record dashboards and audits need.
@@ -102,7 +109,21 @@ pub struct ScoreRecord {
     /// The model version.
     pub model_version: String,
     /// Where the transaction was read.
-    pub source: Source,
+    pub source: Origin,
+}
+
+/// Reasons the detector itself gives, before the spec sees a field: the message is larger than
+/// `--max-message-bytes`, is not JSON, or is JSON but not an object.
+pub const TRANSPORT_REASONS: [&str; 3] = ["oversized", "invalid_json", "not_an_object"];
+
+/// Every `reason` a dead letter (and `fraudstream_dead_letters_total`) can carry.
+pub fn dead_letter_reasons() -> Vec<&'static str> {
+    TRANSPORT_REASONS
+        .iter()
+        .chain(&crate::schema::SchemaError::REASONS)
+        .chain(&crate::schema::LabelError::REASONS)
+        .copied()
+        .collect()
 }
 
 /// A record that could not be scored, with enough to find and replay it.

@@ -5,70 +5,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Counts at one threshold (score >= threshold is an alert).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Confusion {
-    /// Frauds alerted.
-    pub tp: u64,
-    /// Legitimate transactions alerted.
-    pub fp: u64,
-    /// Legitimate transactions not alerted.
-    pub tn: u64,
-    /// Frauds missed.
-    pub fn_: u64,
-}
-
-impl Confusion {
-    /// Counts the outcomes of `scores` against `labels` at `threshold`.
-    pub fn at(scores: &[f32], labels: &[bool], threshold: f64) -> Self {
-        let mut c = Confusion::default();
-        for (&s, &y) in scores.iter().zip(labels) {
-            match (f64::from(s) >= threshold, y) {
-                (true, true) => c.tp += 1,
-                (true, false) => c.fp += 1,
-                (false, false) => c.tn += 1,
-                (false, true) => c.fn_ += 1,
-            }
-        }
-        c
-    }
-
-    /// tp / (tp + fp); 0 when nothing is alerted.
-    pub fn precision(&self) -> f64 {
-        ratio(self.tp, self.tp + self.fp)
-    }
-
-    /// tp / (tp + fn); 0 when there is no fraud.
-    pub fn recall(&self) -> f64 {
-        ratio(self.tp, self.tp + self.fn_)
-    }
-
-    /// Harmonic mean of precision and recall.
-    pub fn f1(&self) -> f64 {
-        f1(self.precision(), self.recall())
-    }
-
-    /// Precision and recall of the legitimate class (for the classification report).
-    pub fn negative_precision_recall(&self) -> (f64, f64) {
-        (
-            ratio(self.tn, self.tn + self.fn_),
-            ratio(self.tn, self.tn + self.fp),
-        )
-    }
-}
-
-fn ratio(a: u64, b: u64) -> f64 {
-    if b == 0 { 0.0 } else { a as f64 / b as f64 }
-}
-
-/// Harmonic mean; 0 when both are 0.
-pub fn f1(p: f64, r: f64) -> f64 {
-    if p + r == 0.0 {
-        0.0
-    } else {
-        2.0 * p * r / (p + r)
-    }
-}
+pub use crate::schema::{Confusion, f1};
 
 /// One point of the precision-recall curve.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -219,9 +156,10 @@ impl Summary {
             average_precision: average_precision(scores, labels),
             roc_auc: roc_auc(scores, labels),
             threshold,
-            precision: confusion.precision(),
-            recall: confusion.recall(),
-            f1: confusion.f1(),
+            // Reports show an undefined ratio as 0 (scikit-learn's zero_division=0).
+            precision: confusion.precision().unwrap_or(0.0),
+            recall: confusion.recall().unwrap_or(0.0),
+            f1: confusion.f1().unwrap_or(0.0),
             alert_rate: (confusion.tp + confusion.fp) as f64 / scores.len().max(1) as f64,
             confusion,
             card_precision_at_100: cp,
@@ -276,24 +214,6 @@ mod tests {
         assert!((roc_auc(&S, &Y) - 0.777_777_777_777_777_8).abs() < 1e-12);
         // All scores tied: the curve is the diagonal.
         assert_eq!(roc_auc(&[0.5; 4], &[true, false, true, false]), 0.5);
-    }
-
-    #[test]
-    fn confusion_and_f1_by_hand() {
-        // threshold 0.4: alerted 0.4, 0.8, 0.4, 0.9 -> tp 2 (0.8, 0.9), fp 2; missed 0.35.
-        let c = Confusion::at(&S, &Y, 0.4);
-        assert_eq!(
-            c,
-            Confusion {
-                tp: 2,
-                fp: 2,
-                tn: 1,
-                fn_: 1
-            }
-        );
-        assert_eq!(c.precision(), 0.5);
-        assert!((c.recall() - 2.0 / 3.0).abs() < 1e-12);
-        assert!((c.f1() - 4.0 / 7.0).abs() < 1e-12);
     }
 
     #[test]

@@ -1,44 +1,8 @@
-//! Choosing the alert threshold on the VALIDATION period, by one of three rules.
-
-use serde::{Deserialize, Serialize};
+//! Choosing the alert threshold on the VALIDATION period, by one of three rules (the rule and
+//! choice types live with the model bundle that records them).
 
 use super::metrics::{PrPoint, f1, pr_curve};
-
-/// How the threshold is chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "rule", rename_all = "snake_case")]
-pub enum ThresholdRule {
-    /// The threshold with the highest F1: balanced precision and recall (the default).
-    MaxF1,
-    /// The best recall whose precision is at least this.
-    MinPrecision {
-        /// Required precision in (0, 1].
-        precision: f64,
-    },
-    /// Alert on this fraction of transactions (the team's review capacity).
-    AlertRate {
-        /// Fraction of transactions in (0, 1].
-        rate: f64,
-    },
-}
-
-/// The chosen threshold and what it gave on the data it was chosen on.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Choice {
-    /// Alert when score >= threshold.
-    pub threshold: f64,
-    /// Precision there.
-    pub precision: f64,
-    /// Recall there.
-    pub recall: f64,
-    /// F1 there.
-    pub f1: f64,
-    /// Fraction alerted there.
-    pub alert_rate: f64,
-    /// False when the rule could not be met (no threshold reaches the precision asked for):
-    /// the most precise threshold is used instead.
-    pub rule_met: bool,
-}
+use crate::model::{Choice, ThresholdRule};
 
 impl ThresholdRule {
     /// Applies the rule to scores and labels. With no data, the threshold is 0.5.

@@ -14,8 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::dataset::{WindowSet, epoch_sample};
 use super::loss::FocalLoss;
 use super::metrics::average_precision;
-use super::threshold::ThresholdRule;
-use crate::model::{AttentionLstm, Batch, FastModel, ModelConfig, weights};
+use crate::model::{AttentionLstm, Batch, FastModel, ModelConfig, ThresholdRule, weights};
 
 /// Training settings, recorded in the bundle.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -75,38 +75,78 @@ pub fn create_topics(topics: &[&str], partitions: i32) {
     .unwrap();
 }
 
-/// Every message of `topic` so far, read without a group, until `expected` arrived.
-pub fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<(i32, i64, Value)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let meta = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in meta.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+/// How long a topic must stay quiet before a read counts as complete. (Tests read a topic's
+/// end by quiet rather than by its high watermark: tansu reports a high watermark short of the
+/// last batch.)
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// Everything of one topic from its beginning, read without a group, as (partition, offset,
+/// JSON value).
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    /// What was read so far.
+    pub messages: Vec<(i32, i64, Value)>,
+}
+
+impl TopicReader {
+    /// Assigns every partition of `topic` from the beginning.
+    pub fn new(topic: &str) -> TopicReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .create()
             .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let began = Instant::now();
-    while out.len() < expected && began.elapsed() < timeout {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let v = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            out.push((m.partition(), m.offset(), v));
+        let meta = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in meta.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        TopicReader {
+            consumer,
+            messages: Vec::new(),
         }
     }
-    out
+
+    /// Reads until nothing new arrives for `quiet`; returns how many messages are read in all.
+    pub fn drain(&mut self, quiet: Duration) -> usize {
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                let v = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                self.messages.push((m.partition(), m.offset(), v));
+                last = Instant::now();
+            }
+        }
+        self.messages.len()
+    }
+}
+
+/// Every message of `topic`: waits (up to `timeout`) until at least `expected` arrived, then
+/// reads on until the topic is quiet, so a duplicate beyond `expected` shows as a longer result.
+pub fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<(i32, i64, Value)> {
+    let mut reader = TopicReader::new(topic);
+    super::wait_until(timeout, &format!("{expected} messages in {topic}"), || {
+        (reader.drain(Duration::from_millis(200)) >= expected).then_some(())
+    });
+    reader.drain(QUIET);
+    reader.messages
+}
+
+/// Every message of `topic` so far, however many there are.
+pub fn read_all(topic: &str) -> Vec<(i32, i64, Value)> {
+    read_topic(topic, 0, Duration::from_secs(1))
 }
 
 /// A running `serve` whose stderr is collected.
 pub struct Serve {
     child: Child,
     log: Arc<Mutex<String>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Serve {
@@ -127,32 +167,43 @@ impl Serve {
             .unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let (stderr, sink) = (child.stderr.take().unwrap(), log.clone());
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut l = sink.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        Serve { child, log }
+        Serve {
+            child,
+            log,
+            reader: Some(reader),
+        }
     }
 
     /// Waits until /readyz answers 200 (partitions assigned); returns the HTTP address.
     pub fn wait_ready(&self, timeout: Duration) -> String {
-        let began = Instant::now();
-        loop {
-            if let Some(addr) = http_addr(&self.log())
-                && get(&addr, "/readyz").0.contains("200")
-            {
-                return addr;
-            }
-            assert!(
-                began.elapsed() < timeout,
-                "serve not ready within {timeout:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let addr = self.wait_http(timeout);
+        super::wait_until(timeout, "/readyz 200", || {
+            get(&addr, "/readyz").0.contains("200").then_some(())
+        });
+        addr
+    }
+
+    /// Waits until the HTTP server is up; returns its address.
+    pub fn wait_http(&self, timeout: Duration) -> String {
+        super::wait_until(timeout, "the detector's HTTP address in its log", || {
+            http_addr(&self.log())
+        })
+    }
+
+    /// Waits until `/metrics` satisfies `ok`; returns that scrape.
+    pub fn wait_metrics(&self, timeout: Duration, what: &str, ok: impl Fn(&str) -> bool) -> String {
+        let addr = self.wait_http(timeout);
+        super::wait_until(timeout, what, || {
+            let (_, text) = get(&addr, "/metrics");
+            ok(&text).then_some(text)
+        })
     }
 
     /// Everything it logged so far.
@@ -167,7 +218,10 @@ impl Serve {
         let began = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
+                // The log is complete once the reader has seen stderr close.
+                if let Some(r) = self.reader.take() {
+                    r.join().unwrap();
+                }
                 return (status.code().unwrap_or(-1), self.log());
             }
             if began.elapsed() > timeout {

@@ -10,9 +10,35 @@ use std::path::{Path, PathBuf};
 
 use assert_cmd::Command;
 
-/// The built `fraudstream` binary.
+/// The longest any one command of a test may run: a hang fails the test instead of stalling CI.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The built `fraudstream` binary, killed if it runs past [`COMMAND_TIMEOUT`].
 pub fn fraudstream() -> Command {
-    Command::cargo_bin("fraudstream").expect("binary is built")
+    let mut cmd = Command::cargo_bin("fraudstream").expect("binary is built");
+    cmd.timeout(COMMAND_TIMEOUT);
+    cmd
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, and returns that; fails the test with
+/// `what` (and the last state `check` described through `state`) after `timeout`. The one way
+/// tests wait for something: no fixed sleeps.
+pub fn wait_until<T>(
+    timeout: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let began = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            began.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 /// Fails the test with the command's stderr unless it exited successfully.

@@ -1,0 +1,67 @@
+//! The Kafka transport: a consumer group on the input topic ([`KafkaSource`], with the
+//! rebalance and statistics handling of [`GroupContext`]), an idempotent producer for alerts,
+//! scores and dead letters ([`KafkaSink`]), the labels consumer, and topic administration.
+//! [`run_kafka`] only wires them into [`crate::stream::run`].
+
+mod admin;
+mod config;
+mod context;
+mod labels;
+mod sink;
+mod source;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+
+pub use admin::{AdminError, ensure_topics};
+pub use config::{
+    KafkaSettings, client_config, consumer_config, parse_kafka_setting, producer_config,
+};
+pub use context::{GroupContext, REVOKE_DRAIN_WAIT};
+pub use sink::KafkaSink;
+pub use source::KafkaSource;
+
+use crate::stream::{Assignment, Detector, RunStats, StreamError};
+
+fn setup(e: impl std::fmt::Display) -> StreamError {
+    StreamError::Setup(e.to_string())
+}
+
+/// Runs the detector on Kafka until `shutdown` resolves, then drains, flushes and commits.
+pub async fn run_kafka(
+    detector: Arc<Detector>,
+    s: KafkaSettings,
+    shutdown: impl Future<Output = ()>,
+    progress: impl FnMut(&RunStats),
+) -> Result<RunStats, StreamError> {
+    let assignment = Arc::new(Assignment::default());
+    let context = GroupContext::new(detector.clone(), assignment.clone(), s.on_assigned.clone());
+    let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+        config::consumer_config(&s)
+            .create_with_context(context)
+            .map_err(setup)?,
+    );
+    consumer.subscribe(&[&s.input_topic]).map_err(setup)?;
+    let producer: FutureProducer = config::producer_config(&s).create().map_err(setup)?;
+    let labels = match &s.labels_topic {
+        Some(topic) => Some(
+            labels::spawn_labels(detector.clone(), &s, topic, producer.clone()).map_err(setup)?,
+        ),
+        None => None,
+    };
+    let source = KafkaSource::new(consumer, assignment);
+    let sink = KafkaSink::new(
+        producer,
+        s.alerts_topic.clone(),
+        s.scores_topic.clone(),
+        s.dead_letter_topic.clone(),
+    );
+    let stats = crate::stream::run(detector, source, sink, s.batch, shutdown, progress).await;
+    if let Some(l) = labels {
+        l.abort();
+    }
+    stats
+}

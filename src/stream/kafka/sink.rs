@@ -1,0 +1,88 @@
+//! The idempotent producer as a pipeline sink: alerts and scores keyed by card, dead letters
+//! unkeyed; each record's delivery report is its acknowledgement.
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::stream::acks::{Ack, ready};
+use crate::stream::{Settled, Sink, StreamError};
+
+/// How long the final flush waits for outstanding deliveries.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Alerts, scores and dead letters to their topics.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    alerts: String,
+    scores: Option<String>,
+    dead_letters: Option<String>,
+}
+
+impl KafkaSink {
+    /// A sink writing to these topics.
+    pub fn new(
+        producer: FutureProducer,
+        alerts: String,
+        scores: Option<String>,
+        dead_letters: Option<String>,
+    ) -> Self {
+        KafkaSink {
+            producer,
+            alerts,
+            scores,
+            dead_letters,
+        }
+    }
+}
+
+/// Hands one record to the producer; its delivery report becomes the acknowledgement. A record
+/// the producer refuses at once (queue full, too large) is a failed acknowledgement too.
+pub fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &str) -> Ack {
+    let mut record = FutureRecord::<str, str>::to(topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    match producer.send_result(record) {
+        Ok(delivery) => Box::pin(async move {
+            match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e.to_string()),
+                Err(_) => Err("the producer was dropped before delivery".into()),
+            }
+        }),
+        Err((e, _)) => ready(Err(format!("producing to {topic}: {e}"))),
+    }
+}
+
+impl Sink for KafkaSink {
+    fn wants_scores(&self) -> bool {
+        self.scores.is_some()
+    }
+
+    fn publish(&mut self, s: &Settled) -> Result<Vec<Ack>, StreamError> {
+        let mut acks = Vec::new();
+        let key = s.card_id.as_deref();
+        if let Some(a) = &s.alert {
+            acks.push(send(&self.producer, &self.alerts, key, &json(a)));
+        }
+        if let (Some(topic), Some(score)) = (&self.scores, &s.score) {
+            acks.push(send(&self.producer, topic, key, &json(score)));
+        }
+        if let (Some(topic), Some(letter)) = (&self.dead_letters, &s.dead_letter) {
+            acks.push(send(&self.producer, topic, None, &json(&**letter)));
+        }
+        Ok(acks)
+    }
+
+    async fn flush(&mut self) -> Result<(), StreamError> {
+        self.producer
+            .flush(FLUSH_TIMEOUT)
+            .map_err(|e| StreamError::Sink(format!("flushing the producer: {e}")))
+    }
+}
+
+/// An output record as JSON text.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("output records serialise")
+}

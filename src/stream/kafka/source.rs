@@ -1,0 +1,85 @@
+//! The consumer group as a pipeline source: messages become envelopes stamped with their
+//! partition's generation; handled offsets are stored for librdkafka to commit.
+
+use std::sync::Arc;
+
+use rdkafka::Message;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+
+use super::context::GroupContext;
+use crate::stream::acks::{Assignment, OffsetStore};
+use crate::stream::{Envelope, Source};
+
+/// The detector's consumer group on the input topic.
+pub struct KafkaSource {
+    consumer: Arc<StreamConsumer<GroupContext>>,
+    assignment: Arc<Assignment>,
+}
+
+impl KafkaSource {
+    /// A source on a subscribed consumer whose context revokes through `assignment`.
+    pub fn new(consumer: Arc<StreamConsumer<GroupContext>>, assignment: Arc<Assignment>) -> Self {
+        KafkaSource {
+            consumer,
+            assignment,
+        }
+    }
+}
+
+/// A consumed message as the transport-independent envelope (the payload is copied so the
+/// message can be released at once).
+pub fn envelope(m: &impl Message, generation: u64) -> Envelope {
+    Envelope {
+        payload: m.payload().unwrap_or_default().to_vec(),
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        generation,
+    }
+}
+
+impl Source for KafkaSource {
+    async fn next(&mut self) -> Option<Envelope> {
+        loop {
+            match self.consumer.recv().await {
+                Ok(m) => {
+                    let generation = self.assignment.generation(m.topic(), m.partition());
+                    return Some(envelope(&m, generation));
+                }
+                Err(e) => tracing::warn!("consumer: {e}"),
+            }
+        }
+    }
+
+    fn offsets(&self) -> Arc<dyn OffsetStore> {
+        Arc::new(Offsets(self.consumer.clone()))
+    }
+
+    fn assignment(&self) -> Arc<Assignment> {
+        self.assignment.clone()
+    }
+
+    async fn close(self) {
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => tracing::info!("offsets committed"),
+            // Nothing stored since the last automatic commit: everything is already committed.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => tracing::info!("offsets already committed"),
+            Err(e) => tracing::warn!("final commit: {e}"),
+        }
+    }
+}
+
+/// librdkafka's offset store: stored offsets are committed by the auto-commit timer, on
+/// revocation and at shutdown.
+struct Offsets(Arc<StreamConsumer<GroupContext>>);
+
+impl OffsetStore for Offsets {
+    fn store(&self, o: &crate::stream::Origin) -> Result<(), String> {
+        self.0
+            .store_offset(&o.topic, o.partition, o.offset)
+            .map_err(|e| e.to_string())
+    }
+}
