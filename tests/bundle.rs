@@ -1,47 +1,18 @@
 //! Model bundles: round trip, and refusal of corrupt or mismatched ones.
 
+mod common;
+
 use candle_core::Device;
 use fraudstream::features::RobustScaler;
-use fraudstream::model::{
-    Bundle, BundleError, MANIFEST_FORMAT, Manifest, ModelConfig, ThresholdInfo, init, weights,
-};
-use fraudstream::model::{Choice, ThresholdRule};
+use fraudstream::model::{Bundle, BundleError, Manifest};
 use fraudstream::schema::FeatureSpec;
 
 fn saved(dir: &std::path::Path) -> (Manifest, Vec<f32>) {
     let spec = FeatureSpec::cards();
-    let cfg = ModelConfig::notebook(spec.width(), 6);
-    let (_, varmap) = init(&cfg, 7, &Device::Cpu).unwrap();
-    let choice = Choice {
-        threshold: 0.7,
-        precision: 0.5,
-        recall: 0.5,
-        f1: 0.5,
-        alert_rate: 0.01,
-        rule_met: true,
-    };
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT,
-        name: "test".into(),
-        version: String::new(),
-        created_at: "2026-01-01T00:00:00Z".into(),
-        architecture: cfg.clone(),
-        parameters: cfg.parameter_count(),
-        scaler: RobustScaler::identity(spec.feature_names()),
-        spec,
-        window: 6,
-        threshold: ThresholdInfo {
-            value: 0.7,
-            rule: ThresholdRule::MaxF1,
-            on_validation: choice,
-        },
-        training: serde_json::json!({}),
-        weights_sha256: String::new(),
-    };
-    let w = weights(&varmap).unwrap();
-    let manifest = Bundle::save(dir, &w, manifest).unwrap();
-    let window = vec![0.25f32; 6 * 5];
-    let fast = fraudstream::model::FastModel::new(&cfg, &w).unwrap();
+    let width = spec.width();
+    let scaler = RobustScaler::identity(spec.feature_names());
+    let (manifest, fast) = common::bundle::random(dir, spec, 6, scaler);
+    let window = vec![0.25f32; 6 * width];
     let (scores, _) = fast.predict(&[&window], &[6]);
     (manifest, scores)
 }
@@ -54,7 +25,7 @@ fn round_trip_scores_identically() {
     assert!(manifest.version.ends_with(&manifest.weights_sha256[..8]));
     let bundle = Bundle::load(dir.path(), &Device::Cpu).unwrap();
     assert_eq!(bundle.manifest, manifest);
-    let window = vec![0.25f32; 6 * 5];
+    let window = vec![0.25f32; 6 * FeatureSpec::cards().width()];
     assert_eq!(bundle.fast.predict(&[&window], &[6]).0, scores);
     assert_eq!(bundle.threshold(), 0.7);
 }

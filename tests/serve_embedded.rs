@@ -112,6 +112,7 @@ fn every_record_is_scored_once_and_alerts_have_the_documented_shape() {
         "detected_at",
         "event_time",
         "model",
+        "reasons",
         "score",
         "source",
         "threshold",
@@ -144,10 +145,26 @@ fn every_record_is_scored_once_and_alerts_have_the_documented_shape() {
                 "age {age} names the card's transaction {age} positions back"
             );
         }
+        // Reasons: features of this transaction whose typical value lowers the score, most first.
+        let reasons = a["reasons"].as_array().unwrap();
+        assert!(reasons.len() <= 3);
+        let mut last = f64::NEG_INFINITY;
+        for r in reasons {
+            let without = r["score_without"].as_f64().unwrap();
+            assert!(without < score && without >= last, "{a}");
+            last = without;
+            assert!(r["feature"].is_string() && r["value"].is_number() && r["typical"].is_number());
+        }
         assert_eq!(a["model"]["name"], "attention-lstm");
         assert_eq!(a["model"]["sha256"].as_str().unwrap().len(), 64);
         assert!(a["source"]["offset"].as_i64().unwrap() >= 1);
     }
+    assert!(
+        alerts
+            .iter()
+            .all(|a| !a["reasons"].as_array().unwrap().is_empty()),
+        "an alert's score comes from somewhere: some feature at its typical value lowers it"
+    );
     assert!(
         stderr.contains(&format!("scored {n} transactions")),
         "{stderr}"

@@ -303,8 +303,9 @@ fn layer_sizes_are_configurable_and_recorded() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["architecture"]["lstm1"], 16);
-    // 2·4·16·(5+16+1) + 3·(32·8+8) + 4·8·(40+8+1) + (8·4+4) + (4+1)
-    assert_eq!(m["parameters"], 2_816 + 792 + 1_568 + 36 + 5);
+    // The `cards` spec's 20 features: 2·4·16·(20+16+1) + 3·(32·8+8) + 4·8·(40+8+1) + (8·4+4) + (4+1)
+    assert_eq!(fraudstream::schema::FeatureSpec::cards().width(), 20);
+    assert_eq!(m["parameters"], 4_736 + 792 + 1_568 + 36 + 5);
     fraudstream()
         .args(["evaluate", "--no-report", "--json", "--model"])
         .arg(&out)

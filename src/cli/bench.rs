@@ -75,6 +75,21 @@ fn inference_rate(
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
+    let inference = inference(&args)?;
+    let memory = memory(&bundle, args.json);
+    let e2e = end_to_end(&bundle, &args)?;
+    if args.json {
+        let mut out = json!({ "inference_windows_per_s": inference });
+        for (k, v) in memory.into_iter().chain(e2e) {
+            out[k] = v;
+        }
+        println!("{out}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Inference windows/s at batch 1, 32 and 256.
+fn inference(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     // Inference is measured on the notebook's architecture with 30 input features (the ULB
     // layout, 312,833 parameters), window 30: the size reference numbers are quoted for. The
     // cost hardly depends on the weights, so seeded random ones do.
@@ -89,26 +104,47 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         inference.insert(batch.to_string(), json!(rate.round()));
     }
-    let per_card = memory_per_card(&bundle, 50_000);
-    if !args.json {
-        match per_card {
-            Some(b) => println!(
-                "card state: {b:.0} bytes per card with a full 30-transaction window (RSS growth over 50,000 cards)"
-            ),
-            None => println!("card state: RSS not readable on this platform"),
-        }
-    }
-    let per_score = memory_per_remembered_score(200_000);
-    if !args.json {
-        match per_score {
-            Some(b) => println!(
-                "label memory: {b:.0} bytes per score awaiting its label (heap growth over 200,000 scores)"
-            ),
-            None => println!("label memory: RSS not readable on this platform"),
-        }
-    }
-    // End to end through a broker: simulated traffic produced at --rate while the detector
-    // consumes it; latency is from each message's Kafka timestamp to its decision.
+    Ok(inference.into())
+}
+
+/// Memory per card, per terminal of the label tables, per remembered score.
+fn memory(bundle: &Bundle, quiet: bool) -> Vec<(&'static str, serde_json::Value)> {
+    let measured = [
+        (
+            "memory_per_card_bytes",
+            memory_per_card(bundle, 50_000),
+            "card state: {} bytes per card with a full 30-transaction window (RSS growth over 50,000 cards)",
+        ),
+        (
+            "memory_per_terminal_bytes",
+            memory_per_terminal(bundle, 100_000),
+            "label tables: {} bytes per terminal with 37 days of daily labels (heap growth over 100,000 terminals)",
+        ),
+        (
+            "memory_per_remembered_score_bytes",
+            memory_per_remembered_score(200_000),
+            "label memory: {} bytes per score awaiting its label (heap growth over 200,000 scores)",
+        ),
+    ];
+    measured
+        .into_iter()
+        .map(|(key, bytes, line)| {
+            if !quiet {
+                let shown =
+                    bytes.map_or("(not measurable here)".to_string(), |b| format!("{b:.0}"));
+                println!("{}", line.replace("{}", &shown));
+            }
+            (key, json!(bytes.map(f64::round)))
+        })
+        .collect()
+}
+
+/// End to end through a broker: simulated traffic produced at --rate while the detector
+/// consumes it; latency is from each message's Kafka timestamp to its acknowledgement.
+fn end_to_end(
+    bundle: &Bundle,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
     let suffix = std::process::id();
     let (input, alerts) = (
         format!("bench-transactions-{suffix}"),
@@ -116,7 +152,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
+    let detector = Arc::new(Detector::new(bundle, DetectorSettings::default(), metrics));
     let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()
@@ -161,33 +197,35 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         "scored {} of {transactions}",
         stats.scored
     );
-    let out = json!({
-        "inference_windows_per_s": inference,
-        "end_to_end_tx_per_s": stats.throughput().round(),
-        "latency_ms": {"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms},
-        "end_to_end_broker": if args.brokers.is_some() { "external" } else { "embedded (librdkafka mock cluster)" },
-        "end_to_end_rate_limit_per_s": args.rate,
-        "transactions": transactions,
-        "memory_per_card_bytes": per_card.map(f64::round),
-        "memory_per_remembered_score_bytes": per_score.map(f64::round),
-    });
-    if args.json {
-        println!("{out}");
-    } else {
+    if !args.json {
+        let rate = if args.rate > 0.0 {
+            args.rate.to_string()
+        } else {
+            "full speed".into()
+        };
         println!(
-            "end to end through the broker ({} transactions produced at {} per second): {:.0} tx/s, latency p50 {:.1} ms, p99 {:.1} ms",
-            transactions,
-            if args.rate > 0.0 {
-                args.rate.to_string()
-            } else {
-                "full speed".into()
-            },
+            "end to end through the broker ({transactions} transactions produced at {rate} per second): \
+             {:.0} tx/s, latency p50 {:.1} ms, p99 {:.1} ms",
             stats.throughput(),
             stats.latency_p50_ms,
             stats.latency_p99_ms
         );
     }
-    Ok(ExitCode::SUCCESS)
+    let broker_kind = if args.brokers.is_some() {
+        "external"
+    } else {
+        "embedded (librdkafka mock cluster)"
+    };
+    Ok(vec![
+        ("end_to_end_tx_per_s", json!(stats.throughput().round())),
+        (
+            "latency_ms",
+            json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms}),
+        ),
+        ("end_to_end_broker", json!(broker_kind)),
+        ("end_to_end_rate_limit_per_s", json!(args.rate)),
+        ("transactions", json!(transactions)),
+    ])
 }
 
 /// Resident set size in bytes (Linux).
@@ -218,6 +256,7 @@ fn memory_per_card(bundle: &Bundle, cards: usize) -> Option<f64> {
                 ts: 1_522_540_800.0 + (round * 3600) as f64,
                 id: Some(id.to_string()),
                 label: None,
+                labelled_at: None,
                 numeric: vec![42.0],
                 context: vec!["1234".into()],
             };
@@ -241,6 +280,35 @@ fn heap_in_use() -> Option<f64> {
     {
         rss_bytes()
     }
+}
+
+/// Bytes per key value of the label-rate tables (a terminal with one label a day for the 37
+/// days the default features reach back), as heap growth over `n` terminals; None when the
+/// model has no label-rate feature.
+fn memory_per_terminal(bundle: &Bundle, n: usize) -> Option<f64> {
+    use crate::features::LabelTables;
+    use crate::schema::LabelEvent;
+    let spec = &bundle.manifest.spec;
+    let keys = spec.label_keys().len();
+    if keys == 0 {
+        return None;
+    }
+    let tables = LabelTables::new(spec);
+    let before = heap_in_use()?;
+    let start = 1_522_540_800.0;
+    for day in 0..37 {
+        for t in 0..n {
+            let ts = start + f64::from(day) * 86_400.0 + (t % 24) as f64 * 3_600.0;
+            tables.apply(&LabelEvent {
+                ts,
+                known_at: ts + 7.0 * 86_400.0,
+                is_fraud: t % 97 == 0,
+                keys: vec![(5_000_000 + t).to_string(); keys],
+            });
+        }
+    }
+    let after = heap_in_use()?;
+    Some((after - before) / n as f64)
 }
 
 /// Bytes per score remembered for live precision/recall (`--labels-topic`), measured as heap

@@ -14,9 +14,10 @@ use candle_core::Device;
 use clap::Args;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::features::DEFAULT_LABEL_DELAY;
 use crate::model::Bundle;
 use crate::observe::{Metrics, spawn_server};
-use crate::sim::{SimConfig, Simulator};
+use crate::sim::{SimConfig, SimTx, Simulator};
 use crate::stream::kafka::{KafkaSettings, client_config, ensure_topics, run_kafka};
 use crate::stream::{Detector, DetectorSettings};
 
@@ -26,9 +27,14 @@ pub struct DemoArgs {
     /// Use this broker instead of the embedded one.
     #[arg(long)]
     pub brokers: Option<String>,
-    /// Days of simulated traffic.
+    /// Days of simulated traffic streamed through the broker and scored.
     #[arg(long, default_value_t = 7)]
     pub days: u32,
+    /// Days simulated before them and loaded into the detector's state first (card windows and
+    /// terminal fraud rates from labels known a week later), as a detector running for that
+    /// long would hold: 37 days fill the default model's 30-day windows after a 7-day delay.
+    #[arg(long, default_value_t = 37)]
+    pub history_days: u32,
     /// Simulated cards.
     #[arg(long, default_value_t = 5_000)]
     pub cards: usize,
@@ -76,11 +82,24 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let sim = SimConfig {
+        cards: args.cards,
+        days: args.history_days + args.days,
+        seed: args.seed,
+        ..SimConfig::default()
+    };
+    let mut days = Simulator::new(sim);
+    let history: Vec<SimTx> = days
+        .by_ref()
+        .take(args.history_days as usize)
+        .flatten()
+        .collect();
+    let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
+    warm_up(&detector, &history)?;
+    let live: Vec<Vec<SimTx>> = days.collect();
     let stats = rt.block_on(async {
-        let sim = SimConfig { cards: args.cards, days: args.days, seed: args.seed, ..SimConfig::default() };
-        let total = replay_simulation(&brokers, &input, sim, None).await?;
+        let total = replay_days(&brokers, &input, &live, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
-        let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
         let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
@@ -163,12 +182,49 @@ impl DemoBroker {
     }
 }
 
+/// Loads simulated history into the detector's state the way the offline path replays a file
+/// (labels known a week after their transactions), and says what it loaded.
+fn warm_up(detector: &Detector, history: &[SimTx]) -> anyhow::Result<()> {
+    if history.is_empty() {
+        return Ok(());
+    }
+    let began = std::time::Instant::now();
+    let txs = history
+        .iter()
+        .map(|t| detector.spec().parse(&t.to_json()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("simulated history does not fit the model's spec")?;
+    let (n, labels) = detector.warm(&txs, DEFAULT_LABEL_DELAY);
+    detector.sync_card_metrics();
+    let (terminals, _) = detector.label_state();
+    eprintln!(
+        "warmed up on {n} simulated transactions of history ({labels} labels, known {} later; \
+         {} cards, {terminals} terminals) in {:.1}s",
+        DEFAULT_LABEL_DELAY,
+        detector.cards(),
+        began.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 /// Simulates and produces the transactions, keyed by card, in time order, at `rate` per second
 /// (None: as fast as possible). Returns the count.
 pub(crate) async fn replay_simulation(
     brokers: &str,
     topic: &str,
     sim: SimConfig,
+    rate: Option<f64>,
+) -> anyhow::Result<u64> {
+    let days: Vec<Vec<SimTx>> = Simulator::new(sim).collect();
+    replay_days(brokers, topic, &days, rate).await
+}
+
+/// Produces simulated days, keyed by card, in time order, at `rate` per second (None: as fast
+/// as possible). Returns the count.
+pub(crate) async fn replay_days(
+    brokers: &str,
+    topic: &str,
+    days: &[Vec<SimTx>],
     rate: Option<f64>,
 ) -> anyhow::Result<u64> {
     let producer: FutureProducer = client_config(
@@ -180,7 +236,7 @@ pub(crate) async fn replay_simulation(
     let began = tokio::time::Instant::now();
     let mut pending = Vec::new();
     let mut total = 0u64;
-    for day in Simulator::new(sim) {
+    for day in days {
         for tx in day {
             if let Some(rate) = rate
                 && total.is_multiple_of(50)
@@ -188,11 +244,7 @@ pub(crate) async fn replay_simulation(
                 tokio::time::sleep_until(began + Duration::from_secs_f64(total as f64 / rate))
                     .await;
             }
-            let payload = serde_json::to_vec(&serde_json::json!({
-                "transaction_id": tx.transaction_id, "ts": tx.ts, "card_id": tx.card_id,
-                "terminal_id": tx.terminal_id, "amount": tx.amount,
-                "is_fraud": u8::from(tx.is_fraud), "scenario": tx.scenario,
-            }))?;
+            let payload = serde_json::to_vec(&tx.to_json())?;
             let key = tx.card_id.to_string();
             match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
                 Ok(f) => pending.push(f),

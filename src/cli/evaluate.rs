@@ -13,8 +13,9 @@ use super::data::{load_sorted, show_time};
 use crate::model::Bundle;
 use crate::report::{self, ReportInput};
 use crate::schema::Format;
+use crate::schema::Span;
 use crate::train::metrics::{Summary, daily_card_precision, f1};
-use crate::train::{WindowSet, parse_date};
+use crate::train::{TrainingReport, WindowSet, parse_date};
 
 /// Options of `evaluate`.
 #[derive(Debug, Args)]
@@ -43,6 +44,10 @@ pub struct EvaluateArgs {
     /// Skip the HTML report.
     #[arg(long)]
     pub no_report: bool,
+    /// Labels without a `labelled_at` column count as known this long after their transaction
+    /// (default: the delay the model was trained with).
+    #[arg(long)]
+    pub label_delay: Option<Span>,
     /// Write per-transaction scores as CSV (transaction_id, card_id, ts, score, label).
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
@@ -67,7 +72,10 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let txs = load_sorted(&args.data, args.format, &m.spec)?;
     let builder = bundle.window_builder();
     let mut set = WindowSet::new(builder.window_len(), builder.width());
-    builder.replay(&txs, |tx, w| {
+    let label_delay = args
+        .label_delay
+        .unwrap_or_else(|| TrainingReport::label_delay_of(m));
+    builder.replay(&txs, label_delay, |tx, w| {
         if tx.ts >= from && tx.ts < until {
             set.push(w);
         }

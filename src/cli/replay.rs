@@ -32,8 +32,9 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub partitions: Option<i32>,
     /// Publish each transaction's fraud label to this topic, `--label-delay` seconds after the
-    /// transaction, as `{transaction_id, is_fraud, labelled_at}`; the label field is then
-    /// removed from the transactions themselves (as in live traffic).
+    /// transaction, as `{transaction_id, is_fraud, labelled_at}` plus, for label-rate features,
+    /// the transaction's time and label keys (`labelled_at` is the transaction's event time plus
+    /// the delay); the label field is then removed from the transactions (as in live traffic).
     #[arg(long)]
     pub labels_topic: Option<String>,
     /// Seconds between a transaction and its label (with `--labels-topic`).
@@ -49,18 +50,8 @@ struct Row {
     ts: f64,
     key: String,
     payload: Vec<u8>,
-    /// (transaction id, is fraud) when labels go to their own topic.
-    label: Option<(String, bool)>,
-}
-
-/// A label message as the detector's labels topic expects it.
-fn label_message(transaction_id: &str, is_fraud: bool) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "transaction_id": transaction_id,
-        "is_fraud": is_fraud,
-        "labelled_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    }))
-    .expect("label serialises")
+    /// The label message, when labels go to their own topic.
+    label: Option<Vec<u8>>,
 }
 
 /// Reads every valid row, sorted by time. With `split_labels`, rows must carry an id and a
@@ -92,9 +83,10 @@ fn read_sorted(args: &ReplayArgs, spec: &FeatureSpec) -> anyhow::Result<Vec<Row>
             let label = if split_labels {
                 let field = spec.label.as_deref().unwrap_or_default();
                 obj.remove(field);
-                match (tx.id, tx.label) {
-                    (Some(id), Some(l)) => Some((id, l)),
-                    _ => return Err(format!("no transaction id or no `{field}` label")),
+                // As if made `--label-delay` after the transaction, in its own time.
+                match spec.label_message(&tx, tx.ts + args.label_delay.max(0.0)) {
+                    Some(m) => Some(serde_json::to_vec(&m).expect("label serialises")),
+                    None => return Err(format!("no transaction id or no `{field}` label")),
                 }
             } else {
                 None
@@ -178,12 +170,8 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep_until(due.into()).await;
             }
             send(&producer, &mut pending, &args.topic, &row.key, &row.payload)?;
-            if let Some((id, is_fraud)) = &row.label {
-                labels.push_back((
-                    Instant::now() + delay,
-                    row.key.clone(),
-                    label_message(id, *is_fraud),
-                ));
+            if let Some(label) = &row.label {
+                labels.push_back((Instant::now() + delay, row.key.clone(), label.clone()));
             }
             if let Some(lt) = &args.labels_topic {
                 while labels

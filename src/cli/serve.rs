@@ -9,10 +9,11 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 
+use crate::features::DEFAULT_LABEL_DELAY;
 use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::observe::{Metrics, QualitySettings, spawn_server};
-use crate::schema::Format;
+use crate::schema::{Format, Span, StateScope};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
 use crate::stream::kafka::{KafkaSettings, run_kafka};
 use crate::stream::{BatchSettings, DEFAULT_MAX_MESSAGE_BYTES, Detector, DetectorSettings};
@@ -87,6 +88,15 @@ pub struct ServeArgs {
     /// Serve the dashboard (/), /metrics (Prometheus), /healthz and /readyz on this address.
     #[arg(long, default_value = "127.0.0.1:9898")]
     pub http: std::net::SocketAddr,
+    /// Before consuming, replay this labelled file (CSV or JSONL in the model's spec) into the
+    /// card windows and label-rate tables, as if the detector had seen it: the history a fresh
+    /// deployment lacks.
+    #[arg(long)]
+    pub warm_from: Option<PathBuf>,
+    /// With --warm-from: labels without a `labelled_at` count as known this long after their
+    /// transaction.
+    #[arg(long, default_value_t = DEFAULT_LABEL_DELAY)]
+    pub warm_label_delay: Span,
     /// Larger messages are dead-lettered without parsing.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -126,6 +136,28 @@ impl ServeArgs {
     }
 }
 
+/// Replays a labelled history file into the detector's state.
+fn warm(
+    detector: &Detector,
+    path: &std::path::Path,
+    format: Option<Format>,
+    label_delay: Span,
+) -> anyhow::Result<()> {
+    let began = std::time::Instant::now();
+    let txs = super::data::load_sorted(path, format, detector.spec())?;
+    let (transactions, labels) = detector.warm(&txs, label_delay);
+    detector.sync_card_metrics();
+    tracing::info!(
+        transactions,
+        labels,
+        cards = detector.cards(),
+        seconds = began.elapsed().as_secs_f64(),
+        file = %path.display(),
+        "state warmed from history"
+    );
+    Ok(())
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
@@ -161,6 +193,18 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let detector = Arc::new(Detector::new(&bundle, settings, metrics.clone()));
+    if let Some(path) = &args.warm_from {
+        warm(&detector, path, args.format, args.warm_label_delay)?;
+    }
+    if detector.spec().needs(StateScope::Labels)
+        && args.labels_topic.is_none()
+        && args.warm_from.is_none()
+    {
+        tracing::warn!(
+            "the model has label-rate features but no --labels-topic or --warm-from: \
+             they read empty tables (no fraud known anywhere)"
+        );
+    }
     let rt = tokio::runtime::Runtime::new()?;
     // On Kafka the metrics endpoint is how the detector is watched: failing to serve it is an
     // error. A file run goes on without it.

@@ -8,8 +8,9 @@ use clap::Args;
 use indicatif::ProgressBar;
 
 use super::data::{load_sorted, show_time};
+use crate::features::DEFAULT_LABEL_DELAY;
 use crate::model::{ModelConfig, ThresholdRule};
-use crate::schema::FeatureSpec;
+use crate::schema::{FeatureSpec, Span};
 use crate::train::{
     DataReport, EpochRecord, FocalLoss, JobObserver, PeriodsReport, TimeSplit, TrainJob,
     TrainObserver, TrainSettings, parse_date, run_job,
@@ -94,6 +95,10 @@ pub struct TrainArgs {
     /// Threshold: alert on this fraction of transactions (default: maximum F1).
     #[arg(long)]
     pub alert_rate: Option<f64>,
+    /// Labels without a `labelled_at` column count as known this long after their transaction
+    /// (label-rate features never read a label before it is known).
+    #[arg(long, default_value_t = DEFAULT_LABEL_DELAY)]
+    pub label_delay: Span,
     /// Seed for initialisation, sampling and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -269,6 +274,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         settings,
         rule,
         valid_cards: args.valid_cards,
+        label_delay: args.label_delay,
     };
     let outcome = run_job(&job, &txs, &mut Bars { bar: None })
         .with_context(|| format!("training into {}", args.out.display()))?;

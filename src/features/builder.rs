@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use dashmap::DashMap;
 
 use super::featurizer::{CardHistory, Featurizer};
+use super::labels::LabelTables;
+use super::offline::{Step, label_events, merged};
 use super::scaler::RobustScaler;
 use super::window::Window;
-use crate::schema::{FeatureSpec, Transaction};
+use crate::schema::{FeatureSpec, LabelEvent, Span, Transaction};
 
 /// The model's default window length (transactions per card).
 pub const DEFAULT_WINDOW: usize = 30;
@@ -45,6 +47,8 @@ pub struct WindowSample {
     pub len: usize,
     /// `window_len * width` scaled features, padding first, current transaction last.
     pub data: Vec<f32>,
+    /// The current transaction's raw (unscaled) features, for explaining an alert.
+    pub raw: Vec<f64>,
 }
 
 /// What observing a transaction did.
@@ -104,15 +108,26 @@ impl WindowBuilder {
         }
     }
 
-    /// Adds `tx` to its card's state and returns the window that ends with it.
-    pub fn observe(&self, card: &mut CardState, tx: &Transaction) -> Observed {
+    /// Empty label-rate tables for this spec.
+    pub fn new_tables(&self) -> LabelTables {
+        LabelTables::new(self.featurizer.spec())
+    }
+
+    /// Adds `tx` to its card's state and returns the window that ends with it. Label-rate
+    /// features read `tables` as of `tx`'s event time.
+    pub fn observe(
+        &self,
+        card: &mut CardState,
+        tables: &LabelTables,
+        tx: &Transaction,
+    ) -> Observed {
         if let Some(id) = &tx.id
             && card.window.contains_id(id)
         {
             return Observed::Duplicate;
         }
         let mut raw = Vec::with_capacity(self.width());
-        self.featurizer.raw(&mut card.history, tx, &mut raw);
+        self.featurizer.raw(&mut card.history, tables, tx, &mut raw);
         let mut scaled = vec![0f32; self.width()];
         self.scaler.transform_into(&raw, &mut scaled);
         card.window.push(&scaled, tx.id.as_deref(), tx.ts);
@@ -125,30 +140,44 @@ impl WindowBuilder {
             label: tx.label,
             len,
             data,
+            raw,
         })
     }
 
-    /// Offline: replays time-sorted transactions through per-card state, calling `sink` with
-    /// each transaction and its window. Every transaction enters its card's window, so
-    /// transactions the sink ignores (an earlier period) are still history for later ones.
-    pub fn replay(&self, sorted: &[Transaction], mut sink: impl FnMut(&Transaction, WindowSample)) {
+    /// Offline: replays time-sorted transactions, with their labels merged in at their known
+    /// times (see [`offline`](super::offline)), through per-card state and label tables,
+    /// calling `sink` with each transaction and its window. Every transaction enters its card's
+    /// window, so transactions the sink ignores (an earlier period) are still history.
+    pub fn replay(
+        &self,
+        sorted: &[Transaction],
+        label_delay: Span,
+        mut sink: impl FnMut(&Transaction, WindowSample),
+    ) {
+        let tables = self.new_tables();
+        let labels = label_events(self.featurizer.spec(), sorted, label_delay);
         let mut cards: HashMap<&str, CardState> = HashMap::new();
-        for tx in sorted {
-            let card = cards.entry(&tx.key).or_insert_with(|| self.new_card());
-            if let Observed::Window(w) = self.observe(card, tx) {
-                sink(tx, w);
+        merged(sorted, &labels, |step| match step {
+            Step::Label(l) => tables.apply(l),
+            Step::Transaction(tx) => {
+                tables.advance(0, tx.ts);
+                let card = cards.entry(&tx.key).or_insert_with(|| self.new_card());
+                if let Observed::Window(w) = self.observe(card, &tables, tx) {
+                    sink(tx, w);
+                }
             }
-        }
+        });
     }
 
     /// The windows of the transactions `target` selects (see [`WindowBuilder::replay`]).
     pub fn build_offline(
         &self,
         sorted: &[Transaction],
+        label_delay: Span,
         mut target: impl FnMut(&Transaction) -> bool,
     ) -> Vec<WindowSample> {
         let mut out = Vec::new();
-        self.replay(sorted, |tx, w| {
+        self.replay(sorted, label_delay, |tx, w| {
             if target(tx) {
                 out.push(w);
             }
@@ -163,21 +192,28 @@ impl WindowBuilder {
 pub fn fit_scaler(
     spec: &FeatureSpec,
     sorted: &[Transaction],
+    label_delay: Span,
     mut fit: impl FnMut(&Transaction) -> bool,
 ) -> RobustScaler {
     let featurizer = Featurizer::new(spec.clone());
+    let tables = LabelTables::new(spec);
+    let labels = label_events(spec, sorted, label_delay);
     let mut histories: HashMap<&str, CardHistory> = HashMap::new();
     let mut columns = vec![Vec::new(); featurizer.width()];
     let mut raw = Vec::new();
-    for tx in sorted {
-        let history = histories.entry(&tx.key).or_default();
-        featurizer.raw(history, tx, &mut raw);
-        if fit(tx) {
-            for (col, x) in columns.iter_mut().zip(&raw) {
-                col.push(*x);
+    merged(sorted, &labels, |step| match step {
+        Step::Label(l) => tables.apply(l),
+        Step::Transaction(tx) => {
+            tables.advance(0, tx.ts);
+            let history = histories.entry(&tx.key).or_default();
+            featurizer.raw(history, &tables, tx, &mut raw);
+            if fit(tx) {
+                for (col, x) in columns.iter_mut().zip(&raw) {
+                    col.push(*x);
+                }
             }
         }
-    }
+    });
     RobustScaler::fit(spec.feature_names(), columns)
 }
 
@@ -225,6 +261,8 @@ pub fn wall_clock() -> Clock {
 pub struct CardStore {
     builder: WindowBuilder,
     cards: DashMap<String, CardState>,
+    /// Label-rate state, shared by every card (and fed by every label, whatever its card).
+    tables: LabelTables,
     limits: StateLimits,
     clock: Clock,
     evicted: AtomicU64,
@@ -248,6 +286,7 @@ impl CardStore {
     /// An empty store with explicit limits and clock.
     pub fn with_limits(builder: WindowBuilder, limits: StateLimits, clock: Clock) -> Self {
         CardStore {
+            tables: builder.new_tables(),
             builder,
             cards: DashMap::new(),
             limits,
@@ -283,7 +322,8 @@ impl CardStore {
                 .or_insert_with(|| self.builder.new_card());
             card.last_seen_ms = now;
             card.shard = shard;
-            match self.builder.observe(&mut card, tx) {
+            self.tables.advance(shard, tx.ts);
+            match self.builder.observe(&mut card, &self.tables, tx) {
                 Observed::Window(w) => Some((w, card.window.padded_ids())),
                 Observed::Duplicate => None,
             }
@@ -295,8 +335,37 @@ impl CardStore {
         result
     }
 
-    /// Evicts idle cards, then the least recently seen ones beyond the cap. Returns how many.
+    /// Takes in a label for the label-rate features (any card's: the tables are global).
+    pub fn label(&self, event: &LabelEvent) {
+        self.tables.apply(event);
+    }
+
+    /// The label-rate tables.
+    pub fn tables(&self) -> &LabelTables {
+        &self.tables
+    }
+
+    /// Offline warm-up: replays a labelled, time-sorted history through this store exactly as
+    /// [`WindowBuilder::replay`] would (labels at their known times), without scoring, so the
+    /// stream continues from the state a detector that had seen the history would hold.
+    /// Returns (transactions, labels) taken in.
+    pub fn warm(&self, sorted: &[Transaction], label_delay: Span) -> (usize, usize) {
+        let labels = label_events(self.builder.featurizer.spec(), sorted, label_delay);
+        let mut n = 0;
+        merged(sorted, &labels, |step| match step {
+            Step::Label(l) => self.label(l),
+            Step::Transaction(tx) => {
+                n += 1;
+                self.observe(tx);
+            }
+        });
+        (n, labels.len())
+    }
+
+    /// Evicts idle cards, then the least recently seen ones beyond the cap, and prunes label
+    /// buckets no feature can read any more. Returns how many cards were evicted.
     pub fn evict(&self) -> usize {
+        self.tables.prune();
         let now = (self.clock)();
         let before = self.cards.len();
         self.cards
@@ -326,6 +395,7 @@ impl CardStore {
     /// Forgets every card last seen on one of these shards (input partitions taken away from
     /// this instance); returns how many. Not counted as evictions.
     pub fn forget_shards(&self, shards: &[i32]) -> usize {
+        self.tables.forget_shards(shards);
         let before = self.cards.len();
         self.cards.retain(|_, c| !shards.contains(&c.shard));
         before.saturating_sub(self.cards.len())
@@ -345,6 +415,7 @@ impl CardStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::features::DEFAULT_LABEL_DELAY;
 
     fn tx(card: &str, id: &str, ts: f64, amount: f64) -> Transaction {
         Transaction {
@@ -352,13 +423,21 @@ mod tests {
             ts,
             id: Some(id.into()),
             label: Some(false),
+            labelled_at: None,
             numeric: vec![amount],
-            context: vec![],
+            context: vec!["T1".into()],
         }
     }
 
+    /// The card features without aggregates: amount, gap, hour (2), log1p amount.
+    fn spec() -> FeatureSpec {
+        let mut spec = FeatureSpec::cards();
+        spec.derived.truncate(3);
+        spec
+    }
+
     fn builder(len: usize) -> WindowBuilder {
-        let spec = FeatureSpec::cards();
+        let spec = spec();
         WindowBuilder::new(
             spec.clone(),
             RobustScaler::identity(spec.feature_names()),
@@ -387,7 +466,7 @@ mod tests {
             tx("b", "2", 2.0, 2.0),
             tx("a", "3", 3.0, 3.0),
         ];
-        let w = b.build_offline(&txs, |t| t.ts >= 3.0);
+        let w = b.build_offline(&txs, DEFAULT_LABEL_DELAY, |t| t.ts >= 3.0);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].len, 2, "the earlier transaction is history");
         // Row layout: [padding row][card a at t=1][card a at t=3]; column 0 is the amount.
@@ -435,13 +514,13 @@ mod tests {
 
     #[test]
     fn scaler_sees_only_selected_rows() {
-        let spec = FeatureSpec::cards();
+        let spec = spec();
         let txs = vec![
             tx("a", "1", 1.0, 1.0),
             tx("a", "2", 2.0, 3.0),
             tx("a", "3", 3.0, 1000.0),
         ];
-        let s = fit_scaler(&spec, &txs, |t| t.ts < 3.0);
+        let s = fit_scaler(&spec, &txs, DEFAULT_LABEL_DELAY, |t| t.ts < 3.0);
         assert_eq!(s.fitted_rows, 2);
         assert_eq!(s.center[0], 2.0);
     }

@@ -55,12 +55,16 @@ pub struct Metrics {
     pub live_f1: GaugeVec,
     /// Scores waiting for their labels.
     pub remembered_scores: IntGauge,
+    /// Key values (e.g. terminals) held in the label-rate tables.
+    pub label_keys: IntGauge,
     /// The latest alerts, for the dashboard's table.
     pub recent_alerts: std::sync::Arc<RecentAlerts>,
     names: Vec<String>,
     ready_flag: std::sync::Arc<AtomicBool>,
     /// False while librdkafka's statistics show no broker connection up.
     broker_flag: std::sync::Arc<AtomicBool>,
+    /// False while label-rate tables are restored from the labels topic's history.
+    restored_flag: std::sync::Arc<AtomicBool>,
 }
 
 /// Alerts kept for the dashboard's table.
@@ -217,10 +221,15 @@ impl Metrics {
                 "fraudstream_remembered_scores",
                 "Scores remembered until their labels arrive",
             )?)?,
+            label_keys: r.add(IntGauge::new(
+                "fraudstream_label_keys",
+                "Key values (e.g. terminals) held in the label-rate tables",
+            )?)?,
             recent_alerts: Default::default(),
             names: Vec::new(),
             ready_flag: Default::default(),
             broker_flag: std::sync::Arc::new(AtomicBool::new(true)),
+            restored_flag: std::sync::Arc::new(AtomicBool::new(true)),
             registry: registry.clone(),
         };
         // Undefined until labels arrive: NaN, which dashboards show as a gap, not as 0.
@@ -290,6 +299,12 @@ impl Metrics {
         self.update_ready();
     }
 
+    /// Marks whether the label-rate tables are restored (not ready while they are not).
+    pub fn set_restored(&self, restored: bool) {
+        self.restored_flag.store(restored, Ordering::Relaxed);
+        self.update_ready();
+    }
+
     /// Whether the broker was reachable at the last statistics.
     pub fn is_broker_reachable(&self) -> bool {
         self.broker_flag.load(Ordering::Relaxed)
@@ -332,7 +347,9 @@ impl Metrics {
 
     /// Whether the detector is ready: able to work and its broker reachable.
     pub fn is_ready(&self) -> bool {
-        self.ready_flag.load(Ordering::Relaxed) && self.broker_flag.load(Ordering::Relaxed)
+        self.ready_flag.load(Ordering::Relaxed)
+            && self.broker_flag.load(Ordering::Relaxed)
+            && self.restored_flag.load(Ordering::Relaxed)
     }
 
     /// The registry in Prometheus's text format.

@@ -293,6 +293,7 @@ mod tests {
             transaction_id: id.into(),
             is_fraud,
             labelled_at: None,
+            context: None,
         }
     }
 

@@ -5,18 +5,44 @@
 //! counts those, for offline metrics, live quality and run summaries alike.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 /// A label message (the labels topic, or a replayed label).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Label {
     /// The transaction it judges.
     pub transaction_id: String,
     /// Whether it was fraud.
     pub is_fraud: bool,
-    /// When the label was made (RFC 3339); informational.
-    #[serde(default)]
-    pub labelled_at: Option<String>,
+    /// When the label became known (event-time seconds), from `labelled_at` (RFC 3339 or
+    /// seconds); None when the message does not say (it is then known on arrival).
+    pub labelled_at: Option<f64>,
+    /// What label-rate features need: the judged transaction's event time and context keys
+    /// (present when the spec has label-rate features).
+    pub context: Option<LabelContext>,
+}
+
+/// The judged transaction as label-rate features need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelContext {
+    /// Its event time (seconds).
+    pub ts: f64,
+    /// Its values of the spec's label keys ([`crate::schema::FeatureSpec::label_keys`]).
+    pub keys: Vec<String>,
+}
+
+/// A label as the label-rate tables take it: what it judges, and from when it may be used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelEvent {
+    /// The judged transaction's event time.
+    pub ts: f64,
+    /// From when the label is known (it must not count for any transaction before).
+    pub known_at: f64,
+    /// Whether it was fraud.
+    pub is_fraud: bool,
+    /// The transaction's values of the spec's label keys.
+    pub keys: Vec<String>,
 }
 
 /// A label message that cannot be used, naming the field at fault.
@@ -29,7 +55,7 @@ pub enum LabelError {
     #[error("label field `{field}`: {problem}")]
     Field {
         /// The field.
-        field: &'static str,
+        field: String,
         /// What is wrong with it.
         problem: String,
     },
@@ -48,7 +74,7 @@ impl LabelError {
     }
 
     /// The field at fault, if one is.
-    pub fn field(&self) -> Option<&'static str> {
+    pub fn field(&self) -> Option<&str> {
         match self {
             LabelError::NotAnObject(_) => None,
             LabelError::Field { field, .. } => Some(field),
@@ -57,39 +83,67 @@ impl LabelError {
 }
 
 impl Label {
-    /// Parses a label; `is_fraud` may be a boolean or 0/1, `transaction_id` a string or number.
+    /// Parses a label's own fields: `transaction_id` (string or number), `is_fraud` (boolean or
+    /// 0/1), optional `labelled_at` (RFC 3339 or unix seconds). See
+    /// [`crate::schema::FeatureSpec::parse_label`] for the context label-rate features need.
     pub fn parse(payload: &[u8]) -> Result<Label, LabelError> {
-        let v: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| LabelError::NotAnObject(e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| LabelError::NotAnObject("not an object".into()))?;
-        let field = |field: &'static str, problem: &str| LabelError::Field {
-            field,
+        Self::parse_object(&Self::object(payload)?)
+    }
+
+    /// The payload as a JSON object.
+    pub(crate) fn object(payload: &[u8]) -> Result<Map<String, Value>, LabelError> {
+        match serde_json::from_slice::<Value>(payload) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(LabelError::NotAnObject("not an object".into())),
+            Err(e) => Err(LabelError::NotAnObject(e.to_string())),
+        }
+    }
+
+    pub(crate) fn parse_object(obj: &Map<String, Value>) -> Result<Label, LabelError> {
+        let field = |field: &str, problem: &str| LabelError::Field {
+            field: field.to_string(),
             problem: problem.to_string(),
         };
         let transaction_id = match obj.get("transaction_id") {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
             Some(_) => return Err(field("transaction_id", "must be a non-empty string")),
             None => return Err(field("transaction_id", "missing")),
         };
         let is_fraud = match obj.get("is_fraud") {
-            Some(serde_json::Value::Bool(b)) => *b,
-            Some(serde_json::Value::Number(n)) if n.as_f64() == Some(1.0) => true,
-            Some(serde_json::Value::Number(n)) if n.as_f64() == Some(0.0) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::Number(n)) if n.as_f64() == Some(1.0) => true,
+            Some(Value::Number(n)) if n.as_f64() == Some(0.0) => false,
             Some(_) => return Err(field("is_fraud", "must be true/false or 1/0")),
             None => return Err(field("is_fraud", "missing")),
         };
         let labelled_at = match obj.get("labelled_at") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(field("labelled_at", "must be an RFC 3339 string")),
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => n.as_f64().filter(|x| x.is_finite()),
+            Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.timestamp_micros() as f64 / 1e6),
+            Some(_) => None,
         };
+        if obj.get("labelled_at").is_some_and(|v| !v.is_null()) && labelled_at.is_none() {
+            return Err(field("labelled_at", "must be RFC 3339 or unix seconds"));
+        }
         Ok(Label {
             transaction_id,
             is_fraud,
             labelled_at,
+            context: None,
+        })
+    }
+
+    /// The label as label-rate tables take it, when it carries their context; a label that does
+    /// not say when it was made is known from `arrived_s`.
+    pub fn event(&self, arrived_s: f64) -> Option<LabelEvent> {
+        self.context.as_ref().map(|c| LabelEvent {
+            ts: c.ts,
+            known_at: self.labelled_at.unwrap_or(arrived_s),
+            is_fraud: self.is_fraud,
+            keys: c.keys.clone(),
         })
     }
 }
@@ -270,8 +324,11 @@ mod tests {
         assert_eq!((e.field(), e.reason()), (Some("is_fraud"), "invalid_label"));
         let e = Label::parse(b"not json").unwrap_err();
         assert_eq!(e.reason(), "invalid_label_json");
-        let e =
-            Label::parse(br#"{"transaction_id":"t","is_fraud":true,"labelled_at":5}"#).unwrap_err();
+        let e = Label::parse(br#"{"transaction_id":"t","is_fraud":true,"labelled_at":"soon"}"#)
+            .unwrap_err();
         assert_eq!(e.field(), Some("labelled_at"));
+        let secs = Label::parse(br#"{"transaction_id":"t","is_fraud":true,"labelled_at":5}"#);
+        assert_eq!(secs.unwrap().labelled_at, Some(5.0));
+        assert_eq!(ok.labelled_at, Some(1_767_225_600.0));
     }
 }

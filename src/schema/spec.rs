@@ -8,6 +8,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::derived::{Derived, Span, StateScope};
+
 /// How the event-time field is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -21,54 +23,6 @@ pub enum TimeFormat {
     Millis,
     /// RFC 3339 text only, e.g. `2018-04-01T08:00:00Z`.
     Rfc3339,
-}
-
-/// A feature computed from state rather than read from the record.
-///
-/// Today every derived feature depends on the record and its own card's history. The enum is the
-/// place to add features from state keyed by something else (a terminal's recent fraud rate
-/// learned from delayed labels, say): such a variant would name its key among `context` fields,
-/// and [`Derived::scope`] would report that key, so the window code knows which state to keep.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Derived {
-    /// log1p(seconds since the same card's previous transaction); 0 for a card's first one.
-    SecondsSincePrevLog1p,
-    /// Hour of day (UTC) of the event time as two columns, sin and cos, so 23:59 is next to 00:00.
-    HourOfDay,
-    /// log1p of a numeric field (clamped at 0): amounts are heavy-tailed.
-    Log1p {
-        /// A field listed in `numeric`.
-        field: String,
-    },
-}
-
-/// Whose state a derived feature needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StateScope {
-    /// Only the record itself.
-    Record,
-    /// The record's card's own history.
-    Card,
-}
-
-impl Derived {
-    /// Column names this feature contributes, in order.
-    pub fn columns(&self) -> Vec<String> {
-        match self {
-            Derived::SecondsSincePrevLog1p => vec!["log1p_secs_since_prev".into()],
-            Derived::HourOfDay => vec!["hour_sin".into(), "hour_cos".into()],
-            Derived::Log1p { field } => vec![format!("log1p_{field}")],
-        }
-    }
-
-    /// Which state the feature reads.
-    pub fn scope(&self) -> StateScope {
-        match self {
-            Derived::SecondsSincePrevLog1p => StateScope::Card,
-            Derived::HourOfDay | Derived::Log1p { .. } => StateScope::Record,
-        }
-    }
 }
 
 /// How a record (JSON object or CSV row) becomes the model's input vector.
@@ -91,6 +45,10 @@ pub struct FeatureSpec {
     /// The fraud label (0/1 or boolean), present in training data and labelled replays.
     #[serde(default)]
     pub label: Option<String>,
+    /// When the label became known (same formats as `time`), if a file records it; otherwise
+    /// offline commands assume the event time plus `--label-delay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled_at: Option<String>,
     /// Numeric fields fed to the model as they are (then scaled).
     #[serde(default)]
     pub numeric: Vec<String>,
@@ -98,7 +56,7 @@ pub struct FeatureSpec {
     #[serde(default)]
     pub derived: Vec<Derived>,
     /// Text fields carried with the transaction but not fed to the model (terminal id, merchant):
-    /// the keys a future non-card state would be kept by, and context for alerts.
+    /// the keys label-rate features are kept by, and context for alerts.
     #[serde(default)]
     pub context: Vec<String>,
 }
@@ -145,30 +103,59 @@ impl FeatureSpec {
             time_format: TimeFormat::Seconds,
             id: None,
             label: Some("Class".into()),
+            labelled_at: None,
             numeric,
             derived: vec![],
             context: vec![],
         }
     }
 
-    /// The simulator's layout, keyed by card, with the card-history features.
+    /// The simulator's layout, keyed by card: the amount and the card's own history (time since
+    /// its previous transaction, counts and mean amounts over 1, 7 and 30 days, the amount
+    /// against its 30-day mean), calendar flags, and the terminal's fraud rate from labels
+    /// known 7 days later (over 1, 7 and 30 days): the Fraud Detection Handbook's features.
     pub fn cards() -> Self {
+        let (card, terminal) = ("card_id".to_string(), "terminal_id".to_string());
+        let windows = [Span::days(1), Span::days(7), Span::days(30)];
+        let mut derived = vec![
+            Derived::SecondsSincePrevLog1p,
+            Derived::HourOfDay,
+            Derived::Log1p {
+                field: "amount".into(),
+            },
+            Derived::Weekend,
+            Derived::Night,
+        ];
+        derived.extend(windows.map(|window| Derived::Count {
+            key: card.clone(),
+            window,
+        }));
+        derived.extend(windows.map(|window| Derived::Mean {
+            field: "amount".into(),
+            key: card.clone(),
+            window,
+        }));
+        derived.push(Derived::Relative {
+            field: "amount".into(),
+            key: card.clone(),
+            window: Span::days(30),
+        });
+        derived.extend(windows.map(|window| Derived::LabelRate {
+            key: terminal.clone(),
+            window,
+            delay: Span::days(7),
+        }));
         FeatureSpec {
             name: "cards".into(),
-            key: Some("card_id".into()),
+            key: Some(card),
             time: "ts".into(),
             time_format: TimeFormat::Seconds,
             id: Some("transaction_id".into()),
             label: Some("is_fraud".into()),
+            labelled_at: Some("labelled_at".into()),
             numeric: vec!["amount".into()],
-            derived: vec![
-                Derived::SecondsSincePrevLog1p,
-                Derived::HourOfDay,
-                Derived::Log1p {
-                    field: "amount".into(),
-                },
-            ],
-            context: vec!["terminal_id".into()],
+            derived,
+            context: vec![terminal],
         }
     }
 
@@ -217,18 +204,103 @@ impl FeatureSpec {
             }
         }
         for d in &self.derived {
-            if let Derived::Log1p { field } = d
-                && !self.numeric.contains(field)
-            {
-                return Err(invalid(format!(
-                    "log1p field `{field}` must also be listed in `numeric`"
-                )));
-            }
+            self.validate_derived(d).map_err(invalid)?;
         }
         if self.time.is_empty() {
             return Err(invalid("`time` names no field".into()));
         }
         Ok(())
+    }
+
+    fn validate_derived(&self, d: &Derived) -> Result<(), String> {
+        let numeric = |field: &String, kind: &str| {
+            if self.numeric.contains(field) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{kind} field `{field}` must also be listed in `numeric`"
+                ))
+            }
+        };
+        let positive = |w: Span| {
+            if w.as_secs() > 0 {
+                Ok(())
+            } else {
+                Err("a window must be longer than 0".to_string())
+            }
+        };
+        match d {
+            Derived::Log1p { field } => numeric(field, "log1p"),
+            Derived::Count { key, window } => {
+                self.card_key(key)?;
+                positive(*window)
+            }
+            Derived::Mean { field, key, window } | Derived::Relative { field, key, window } => {
+                numeric(field, "mean")?;
+                self.card_key(key)?;
+                positive(*window)
+            }
+            Derived::LabelRate { key, window, .. } => {
+                if !self.context.contains(key) && self.key.as_ref() != Some(key) {
+                    return Err(format!(
+                        "label_rate key `{key}` must be listed in `context` (or be the card key)"
+                    ));
+                }
+                if self.label.is_none() {
+                    return Err("label_rate needs a `label` field to learn from".into());
+                }
+                positive(*window)
+            }
+            Derived::SecondsSincePrevLog1p
+            | Derived::HourOfDay
+            | Derived::Weekend
+            | Derived::Night => Ok(()),
+        }
+    }
+
+    /// Count, mean and relative features keep state per card, which lives where the card's
+    /// partition is consumed: they must be keyed by the card. (Per-terminal counts would need
+    /// every instance to see every transaction; label rates get theirs from labels instead.)
+    fn card_key(&self, key: &str) -> Result<(), String> {
+        if self.key.as_deref() == Some(key) {
+            Ok(())
+        } else {
+            Err(format!(
+                "count, mean and relative features are kept per card: key `{key}` must be the card key ({:?})",
+                self.key
+            ))
+        }
+    }
+
+    /// The context keys that label-rate features are kept by, each once, in spec order.
+    pub fn label_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        for d in &self.derived {
+            if let Derived::LabelRate { key, .. } = d
+                && !keys.contains(key)
+            {
+                keys.push(key.clone());
+            }
+        }
+        keys
+    }
+
+    /// The numeric fields card aggregates (mean, relative) sum, each once, in spec order.
+    pub fn aggregated_fields(&self) -> Vec<String> {
+        let mut fields: Vec<String> = Vec::new();
+        for d in &self.derived {
+            if let Derived::Mean { field, .. } | Derived::Relative { field, .. } = d
+                && !fields.contains(field)
+            {
+                fields.push(field.clone());
+            }
+        }
+        fields
+    }
+
+    /// Whether any feature reads state of a given scope.
+    pub fn needs(&self, scope: StateScope) -> bool {
+        self.derived.iter().any(|d| d.scope() == scope)
     }
 
     /// The model's input columns, in order: numeric fields, then derived columns.
@@ -258,9 +330,26 @@ mod tests {
                 "log1p_secs_since_prev",
                 "hour_sin",
                 "hour_cos",
-                "log1p_amount"
+                "log1p_amount",
+                "weekend",
+                "night",
+                "card_id_count_1d",
+                "card_id_count_7d",
+                "card_id_count_30d",
+                "card_id_mean_amount_1d",
+                "card_id_mean_amount_7d",
+                "card_id_mean_amount_30d",
+                "card_id_relative_amount_30d",
+                "terminal_id_labelled_1d_delay_7d",
+                "terminal_id_fraud_rate_1d_delay_7d",
+                "terminal_id_labelled_7d_delay_7d",
+                "terminal_id_fraud_rate_7d_delay_7d",
+                "terminal_id_labelled_30d_delay_7d",
+                "terminal_id_fraud_rate_30d_delay_7d",
             ]
         );
+        assert_eq!(FeatureSpec::cards().label_keys(), ["terminal_id"]);
+        assert_eq!(FeatureSpec::cards().aggregated_fields(), ["amount"]);
         FeatureSpec::ulb().validate().unwrap();
         FeatureSpec::cards().validate().unwrap();
     }
@@ -284,6 +373,19 @@ mod tests {
         let mut spec = FeatureSpec::cards();
         spec.numeric.push("amount".into());
         assert!(spec.validate().unwrap_err().to_string().contains("twice"));
+
+        let mut spec = FeatureSpec::cards();
+        spec.derived.push(Derived::Count {
+            key: "terminal_id".into(),
+            window: Span::days(2),
+        });
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("kept per card"), "{err}");
+
+        let mut spec = FeatureSpec::cards();
+        spec.context.clear();
+        let err = spec.validate().unwrap_err().to_string();
+        assert!(err.contains("label_rate key `terminal_id`"), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");

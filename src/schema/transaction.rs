@@ -4,6 +4,7 @@ use chrono::{DateTime, NaiveDateTime};
 use serde::{Deserialize, Serialize};
 
 use super::error::{SchemaError, clip};
+use super::label::{Label, LabelContext, LabelError};
 use super::record::{Field, Record};
 use super::spec::{FeatureSpec, TimeFormat};
 
@@ -21,6 +22,9 @@ pub struct Transaction {
     pub id: Option<String>,
     /// The fraud label, when the record carries one.
     pub label: Option<bool>,
+    /// When the label became known (seconds), when the record says (the spec's `labelled_at`).
+    #[serde(default)]
+    pub labelled_at: Option<f64>,
     /// Values of the spec's `numeric` fields, in order.
     pub numeric: Vec<f64>,
     /// Values of the spec's `context` fields (empty string when absent).
@@ -46,6 +50,13 @@ impl FeatureSpec {
             None => None,
             Some(f) => parse_label(f, rec.field(f))?,
         };
+        let labelled_at = match &self.labelled_at {
+            Some(f) => match rec.field(f) {
+                Field::Missing | Field::Null => None,
+                v => Some(parse_time(f, self.time_format, v)?),
+            },
+            None => None,
+        };
         let numeric = self
             .numeric
             .iter()
@@ -54,21 +65,101 @@ impl FeatureSpec {
         let context = self
             .context
             .iter()
-            .map(|f| match rec.field(f) {
-                Field::Str(s) => s.to_string(),
-                Field::Num(n) => format_number(n),
-                Field::Bool(b) => b.to_string(),
-                _ => String::new(),
-            })
+            .map(|f| context_value(rec.field(f)).unwrap_or_default())
             .collect();
         Ok(Transaction {
             key,
             ts,
             id,
             label,
+            labelled_at,
             numeric,
             context,
         })
+    }
+}
+
+impl FeatureSpec {
+    /// Parses a label message: its own fields ([`Label::parse`]) and, when the spec has
+    /// label-rate features, the judged transaction's event time (the spec's `time` field) and
+    /// its label keys, which every label must then carry.
+    pub fn parse_label(&self, payload: &[u8]) -> Result<Label, LabelError> {
+        let obj = Label::object(payload)?;
+        let mut label = Label::parse_object(&obj)?;
+        let keys = self.label_keys();
+        if keys.is_empty() {
+            return Ok(label);
+        }
+        let wrong = |e: SchemaError| LabelError::Field {
+            field: e.field().to_string(),
+            problem: e.to_string(),
+        };
+        let ts = parse_time(&self.time, self.time_format, obj.field(&self.time)).map_err(wrong)?;
+        let keys = keys
+            .iter()
+            .map(|k| {
+                let value = if self.key.as_ref() == Some(k) {
+                    parse_key(k, obj.field(k)).ok()
+                } else {
+                    context_value(obj.field(k))
+                };
+                value
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| LabelError::Field {
+                        field: k.clone(),
+                        problem: "missing (label-rate features are kept by it)".into(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        label.context = Some(LabelContext { ts, keys });
+        Ok(label)
+    }
+}
+
+impl FeatureSpec {
+    /// The label message of a labelled transaction, as [`FeatureSpec::parse_label`] reads it:
+    /// `{transaction_id, is_fraud, labelled_at (RFC 3339), <time field>, <label keys>}`. None
+    /// without an id or a label.
+    pub fn label_message(&self, tx: &Transaction, labelled_at: f64) -> Option<serde_json::Value> {
+        let (id, is_fraud) = (tx.id.as_ref()?, tx.label?);
+        let mut m = serde_json::Map::new();
+        m.insert("transaction_id".into(), id.clone().into());
+        m.insert("is_fraud".into(), is_fraud.into());
+        let at = chrono::DateTime::from_timestamp_micros((labelled_at * 1e6).round() as i64)?;
+        m.insert(
+            "labelled_at".into(),
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .into(),
+        );
+        if !self.label_keys().is_empty() {
+            m.insert(self.time.clone(), tx.ts.into());
+            for (k, v) in self.label_keys().iter().zip(self.label_key_values(tx)) {
+                m.insert(k.clone(), v.into());
+            }
+        }
+        Some(serde_json::Value::Object(m))
+    }
+
+    /// A transaction's values of the spec's label keys (what its label event is filed under).
+    pub fn label_key_values(&self, tx: &Transaction) -> Vec<String> {
+        self.label_keys()
+            .iter()
+            .map(|k| match self.context.iter().position(|c| c == k) {
+                Some(i) => tx.context[i].clone(),
+                None => tx.key.clone(),
+            })
+            .collect()
+    }
+}
+
+/// A context field's text: numbers as [`format_number`] writes them, so `9` and `"9"` are the
+/// same terminal; None when absent, null or nested.
+fn context_value(v: Field<'_>) -> Option<String> {
+    match v {
+        Field::Str(s) => Some(s.to_string()),
+        Field::Num(n) => Some(format_number(n)),
+        Field::Bool(b) => Some(b.to_string()),
+        _ => None,
     }
 }
 
@@ -81,7 +172,7 @@ fn format_number(n: f64) -> String {
     }
 }
 
-fn parse_key(field: &str, v: Field<'_>) -> Result<String, SchemaError> {
+pub(crate) fn parse_key(field: &str, v: Field<'_>) -> Result<String, SchemaError> {
     let f = || field.to_string();
     match v {
         Field::Missing | Field::Null => Err(SchemaError::Missing { field: f() }),
@@ -127,7 +218,11 @@ pub(crate) fn parse_number(field: &str, v: Field<'_>) -> Result<f64, SchemaError
     }
 }
 
-fn parse_time(field: &str, format: TimeFormat, v: Field<'_>) -> Result<f64, SchemaError> {
+pub(crate) fn parse_time(
+    field: &str,
+    format: TimeFormat,
+    v: Field<'_>,
+) -> Result<f64, SchemaError> {
     let bad = |s: &str| SchemaError::BadTimestamp {
         field: field.to_string(),
         value: clip(s),

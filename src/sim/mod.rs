@@ -79,6 +79,21 @@ pub struct SimTx {
     pub scenario: u8,
 }
 
+impl SimTx {
+    /// The record as the simulator's JSONL writes it (a label of 0 or 1, the scenario).
+    pub fn to_json(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("transaction_id".into(), self.transaction_id.into());
+        m.insert("ts".into(), self.ts.into());
+        m.insert("card_id".into(), self.card_id.into());
+        m.insert("terminal_id".into(), self.terminal_id.into());
+        m.insert("amount".into(), self.amount.into());
+        m.insert("is_fraud".into(), u8::from(self.is_fraud).into());
+        m.insert("scenario".into(), self.scenario.into());
+        m
+    }
+}
+
 /// Generates the stream one day at a time.
 pub struct Simulator {
     cfg: SimConfig,

@@ -1,5 +1,5 @@
-//! Micro-batching and scoring: windows from many cards are scored together, off the async
-//! reactor, in arrival order. The queues in and out are bounded, so a slow scorer pauses the
+//! Micro-batching: windows from many cards are collected into batches and handed to the
+//! scorer off the async reactor, in arrival order. The queues in and out are bounded, so a slow scorer pauses the
 //! source (back-pressure) instead of buffering without limit.
 
 use std::sync::Arc;
@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::detector::{Decision, Ingest, Ingested};
-use super::records::{DeadLetter, Origin};
-use crate::model::FastModel;
+use super::detector::{Ingest, Ingested};
+use super::scorer::{Outcome, Scorer, score_batch};
 use crate::observe::Metrics;
 
 /// When a batch is flushed, and how much may wait.
@@ -42,35 +41,11 @@ impl Default for BatchSettings {
     }
 }
 
-/// What scoring made of a message.
-#[derive(Debug, Clone)]
-pub enum Decided {
-    /// Scored.
-    Scored(Box<Decision>),
-    /// Bad input.
-    Invalid(Box<DeadLetter>),
-    /// Redelivery, already in the window.
-    Duplicate,
-}
-
-/// A message's fate after scoring, in input order.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Where it was read.
-    pub origin: Origin,
-    /// Transport timestamp (ms), for end-to-end latency.
-    pub timestamp_ms: Option<i64>,
-    /// When it was ingested.
-    pub at: Instant,
-    /// What it became.
-    pub kind: Decided,
-}
-
 /// Collects items into batches of at most `max_batch` windows or `max_wait`, scores each batch
 /// on the blocking pool, and forwards every item in order. Ends when `rx` closes and all is
 /// flushed.
 pub async fn score_loop(
-    model: Arc<FastModel>,
+    scorer: Scorer,
     metrics: Arc<Metrics>,
     settings: BatchSettings,
     mut rx: mpsc::Receiver<Ingested>,
@@ -96,9 +71,9 @@ pub async fn score_loop(
                 Err(_) => break,
             }
         }
-        let model = model.clone();
+        let scorer = scorer.clone();
         let began = Instant::now();
-        let outcomes = tokio::task::spawn_blocking(move || score_batch(&model, items))
+        let outcomes = tokio::task::spawn_blocking(move || score_batch(&scorer, items))
             .await
             .expect("scoring thread panicked");
         metrics.batch(windows, began.elapsed());
@@ -108,40 +83,4 @@ pub async fn score_loop(
             }
         }
     }
-}
-
-/// Scores the windows of a batch in one call and returns every item's outcome in order.
-pub fn score_batch(model: &FastModel, items: Vec<Ingested>) -> Vec<Outcome> {
-    let (windows, lens): (Vec<&[f32]>, Vec<usize>) = items
-        .iter()
-        .filter_map(|i| match &i.kind {
-            Ingest::Window(p) => Some((p.window.as_slice(), p.len)),
-            _ => None,
-        })
-        .unzip();
-    let (scores, attention) = model.predict(&windows, &lens);
-    let mut scored = scores.into_iter().zip(attention);
-    items
-        .into_iter()
-        .map(|item| {
-            let kind = match item.kind {
-                Ingest::Window(pending) => {
-                    let (score, attention) = scored.next().expect("one score per window");
-                    Decided::Scored(Box::new(Decision {
-                        pending: *pending,
-                        score,
-                        attention,
-                    }))
-                }
-                Ingest::Invalid(d) => Decided::Invalid(d),
-                Ingest::Duplicate => Decided::Duplicate,
-            };
-            Outcome {
-                origin: item.origin,
-                timestamp_ms: item.timestamp_ms,
-                at: item.at,
-                kind,
-            }
-        })
-        .collect()
 }

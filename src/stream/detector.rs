@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::explain::{Explainer, Reason};
 use super::records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, now_rfc3339,
     time_rfc3339,
@@ -13,7 +14,7 @@ use super::records::{
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
 use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings};
-use crate::schema::{FeatureSpec, Label};
+use crate::schema::{FeatureSpec, Transaction};
 
 /// Messages larger than this are dead-lettered unparsed (1 MiB, Kafka's default
 /// `message.max.bytes`: nothing larger reaches a default topic anyway).
@@ -64,6 +65,8 @@ pub struct Pending {
     pub window: Vec<f32>,
     /// Transaction ids aligned with the window's rows.
     pub window_ids: Vec<Option<Arc<str>>>,
+    /// The current transaction's raw features (for an alert's reasons).
+    pub raw: Vec<f64>,
 }
 
 /// What one input message became.
@@ -99,6 +102,8 @@ pub struct Decision {
     pub score: f32,
     /// The current transaction's attention over its window.
     pub attention: Vec<f32>,
+    /// For an alert: the features that made it suspicious.
+    pub reasons: Vec<Reason>,
 }
 
 /// Card state plus model: everything needed to go from a message to a decision, and the live
@@ -108,6 +113,7 @@ pub struct Detector {
     spec: FeatureSpec,
     store: CardStore,
     model: Arc<FastModel>,
+    explainer: Arc<Explainer>,
     threshold: f64,
     model_ref: ModelRef,
     settings: DetectorSettings,
@@ -127,6 +133,10 @@ impl Detector {
             spec: m.spec.clone(),
             store: CardStore::with_limits(bundle.window_builder(), settings.limits, wall_clock()),
             model: Arc::new(bundle.fast.clone()),
+            explainer: Arc::new(Explainer::new(
+                m.spec.feature_names(),
+                m.scaler.center.clone(),
+            )),
             threshold: m.threshold.value,
             model_ref: ModelRef {
                 name: m.name.clone(),
@@ -149,9 +159,14 @@ impl Detector {
         &self.quality
     }
 
-    /// The scoring network (shared with the scorer thread).
+    /// The scoring network (shared with the scorer thread, not copied).
     pub fn model(&self) -> Arc<FastModel> {
         self.model.clone()
+    }
+
+    /// How alerts are explained.
+    pub fn explainer(&self) -> Arc<Explainer> {
+        self.explainer.clone()
     }
 
     /// The alert threshold.
@@ -167,6 +182,23 @@ impl Detector {
     /// Live cards.
     pub fn cards(&self) -> usize {
         self.store.len()
+    }
+
+    /// Warms card windows and label tables from a labelled, time-sorted history (see
+    /// [`CardStore::warm`]); returns (transactions, labels).
+    pub fn warm(&self, sorted: &[Transaction], label_delay: crate::schema::Span) -> (usize, usize) {
+        self.store.warm(sorted, label_delay)
+    }
+
+    /// The spec records are parsed with.
+    pub fn spec(&self) -> &FeatureSpec {
+        &self.spec
+    }
+
+    /// Key values held in the label-rate tables, and labels taken in.
+    pub fn label_state(&self) -> (usize, u64) {
+        let t = self.store.tables();
+        (t.keys(), t.applied())
     }
 
     /// Evicts idle cards and those beyond the cap; returns how many.
@@ -186,6 +218,7 @@ impl Detector {
         m.evicted_cards
             .inc_by(self.evicted().saturating_sub(m.evicted_cards.get()));
         m.live_cards.set(self.cards() as i64);
+        m.label_keys.set(self.store.tables().keys() as i64);
     }
 
     /// Forgets the cards read from these input partitions (revoked: their next owner keeps
@@ -239,16 +272,31 @@ impl Detector {
                 len: w.len,
                 window: w.data,
                 window_ids: ids,
+                raw: w.raw,
             })),
         }
     }
 
-    /// Parses a message of the labels topic and joins it to its score; a bad label comes back
-    /// as the dead letter to publish.
+    /// Parses a message of the labels topic, feeds the label-rate tables (when the spec has
+    /// label-rate features) and joins it to its score for live quality; a bad label comes back
+    /// as the dead letter to publish. A label without `labelled_at` is known from now.
     pub fn label(&self, env: &Envelope) -> Result<Joined, Box<DeadLetter>> {
-        match Label::parse(&env.payload) {
+        self.label_at(env, true)
+    }
+
+    /// Like [`Detector::label`]; `live` false for history read at start-up: it feeds the
+    /// tables but is not joined to scores (this process made none for it).
+    pub fn label_at(&self, env: &Envelope, live: bool) -> Result<Joined, Box<DeadLetter>> {
+        match self.spec.parse_label(&env.payload) {
             Ok(label) => {
                 let now = chrono::Utc::now().timestamp_millis();
+                if let Some(event) = label.event(now as f64 / 1000.0) {
+                    self.store.label(&event);
+                }
+                if !live {
+                    self.metrics.labels.with_label_values(&["history"]).inc();
+                    return Ok(Joined::Unmatched);
+                }
                 Ok(self.quality.label(&label, now, &self.metrics))
             }
             Err(e) => Err(Box::new(DeadLetter::new(
@@ -296,6 +344,7 @@ impl Detector {
             model: self.model_ref.clone(),
             window_length: p.len,
             top_attention,
+            reasons: d.reasons.clone(),
             detected_at: now_rfc3339(),
             source: origin.clone(),
         }

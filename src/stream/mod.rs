@@ -13,9 +13,11 @@
 pub mod acks;
 pub mod batcher;
 mod detector;
+pub mod explain;
 pub mod file;
 pub mod kafka;
 mod records;
+pub mod scorer;
 pub mod settle;
 mod stats;
 
@@ -27,7 +29,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 
 pub use acks::{Ack, Assignment, Delivery, OffsetStore};
-pub use batcher::{BatchSettings, Decided, Outcome};
+pub use batcher::BatchSettings;
 pub use detector::{
     DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector, DetectorSettings, Ingest, Ingested, Pending,
     TOP_ATTENTION, spawn_evictor,
@@ -36,6 +38,7 @@ pub use records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, TRANSPORT_REASONS,
     dead_letter_reasons,
 };
+pub use scorer::{Decided, Outcome, Scorer, score_batch};
 pub use settle::{Event, Settled, settle};
 pub use stats::{Run, RunStats, latency};
 
@@ -98,8 +101,13 @@ pub async fn run<S: Source, K: Sink>(
     let (in_tx, in_rx) = mpsc::channel(batch.queue);
     let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(batch.queue);
     let (ack_tx, ack_rx) = mpsc::channel::<Delivery>(batch.queue);
+    let scorer = Scorer {
+        model: detector.model(),
+        threshold: detector.threshold(),
+        explainer: detector.explainer(),
+    };
     let scorer = tokio::spawn(batcher::score_loop(
-        detector.model(),
+        scorer,
         detector.metrics().clone(),
         batch,
         in_rx,

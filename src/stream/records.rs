@@ -85,8 +85,12 @@ pub struct Alert {
     pub model: ModelRef,
     /// Real transactions in the window (at most the window length).
     pub window_length: usize,
-    /// The three window positions with the highest attention: why the model flagged it.
+    /// The three window positions with the highest attention: which of the card's
+    /// transactions the model looked at.
     pub top_attention: Vec<AttentionRef>,
+    /// The features of this transaction that made it suspicious, most first (see
+    /// [`crate::stream::explain`]).
+    pub reasons: Vec<super::explain::Reason>,
     /// When the detector decided, RFC 3339.
     pub detected_at: String,
     /// Where the transaction was read.

@@ -3,9 +3,9 @@
 //! Every log line is emitted together with its counter here, in [`Event::emit`], and live
 //! quality is updated here, once.
 
-use super::batcher::{Decided, Outcome};
 use super::detector::{Decision, Detector};
 use super::records::{Alert, DeadLetter, Origin, ScoreRecord};
+use super::scorer::{Decided, Outcome};
 use crate::observe::Metrics;
 
 /// The records one outcome publishes, and what its acknowledgement needs.

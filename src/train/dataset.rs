@@ -8,7 +8,7 @@ use rand_chacha::ChaCha8Rng;
 use super::split::{Period, TimeSplit};
 use crate::features::{WindowBuilder, WindowSample};
 use crate::model::FastModel;
-use crate::schema::Transaction;
+use crate::schema::{Span, Transaction};
 
 /// Many windows in one flat buffer (`n * window * width` floats) with their metadata.
 #[derive(Debug, Clone, Default)]
@@ -121,18 +121,25 @@ pub struct Dataset {
 impl Dataset {
     /// Replays every transaction through the shared window code; each lands in its period's set
     /// (history and after-the-end transactions only feed windows).
-    pub fn build(builder: &WindowBuilder, sorted: &[Transaction], split: &TimeSplit) -> Self {
+    pub fn build(
+        builder: &WindowBuilder,
+        sorted: &[Transaction],
+        split: &TimeSplit,
+        label_delay: Span,
+    ) -> Self {
         let (t, w) = (builder.window_len(), builder.width());
         let mut ds = Dataset {
             train: WindowSet::new(t, w),
             valid: WindowSet::new(t, w),
             test: WindowSet::new(t, w),
         };
-        builder.replay(sorted, |tx, sample| match split.period(tx.ts) {
-            Period::Train => ds.train.push(sample),
-            Period::Valid => ds.valid.push(sample),
-            Period::Test => ds.test.push(sample),
-            Period::History | Period::After => {}
+        builder.replay(sorted, label_delay, |tx, sample| {
+            match split.period(tx.ts) {
+                Period::Train => ds.train.push(sample),
+                Period::Valid => ds.valid.push(sample),
+                Period::Test => ds.test.push(sample),
+                Period::History | Period::After => {}
+            }
         });
         ds
     }

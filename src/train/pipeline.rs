@@ -15,12 +15,12 @@ use super::dataset::{Dataset, WindowSet, card_count, card_fraction};
 use super::metrics::Summary;
 use super::split::{Period, TimeSplit};
 use super::trainer::{EpochRecord, TrainObserver, TrainSettings, fit};
-use crate::features::{WindowBuilder, fit_scaler};
+use crate::features::{DEFAULT_LABEL_DELAY, WindowBuilder, fit_scaler};
 use crate::model::{
     Bundle, BundleError, Choice, FastModel, MANIFEST_FORMAT, Manifest, ModelConfig, ThresholdInfo,
     ThresholdRule, init,
 };
-use crate::schema::{FeatureSpec, Transaction};
+use crate::schema::{FeatureSpec, Span, Transaction};
 
 /// Windows scored per call when validating and testing: large batches use both cores.
 const SCORE_BATCH: usize = 512;
@@ -46,6 +46,8 @@ pub struct TrainJob {
     pub rule: ThresholdRule,
     /// Fraction of validation cards scored after each epoch for early stopping.
     pub valid_cards: f64,
+    /// When a label counts as known if the file has no `labelled_at`: after this long.
+    pub label_delay: Span,
 }
 
 /// Why training could not produce a bundle.
@@ -109,6 +111,14 @@ pub struct PeriodsReport {
     pub test: PeriodCount,
     /// Fraction of validation cards scored after each epoch.
     pub early_stopping_cards_fraction: f64,
+    /// When labels without `labelled_at` counted as known: this long after their transaction
+    /// (recorded so evaluation replays labels the same way).
+    #[serde(default = "default_label_delay")]
+    pub label_delay: Span,
+}
+
+fn default_label_delay() -> Span {
+    DEFAULT_LABEL_DELAY
 }
 
 /// The manifest's `training` section: what the model learnt from, how, and how well it did.
@@ -139,6 +149,15 @@ impl TrainingReport {
     /// by other tools).
     pub fn of(manifest: &Manifest) -> Option<TrainingReport> {
         serde_json::from_value(manifest.training.clone()).ok()
+    }
+
+    /// The label delay a bundle was trained with (the default for older bundles).
+    pub fn label_delay_of(manifest: &Manifest) -> Span {
+        manifest
+            .training
+            .pointer("/periods/label_delay")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or(DEFAULT_LABEL_DELAY)
     }
 }
 
@@ -171,12 +190,14 @@ pub fn run_job(
 ) -> Result<TrainOutcome, TrainError> {
     let began = Instant::now();
     let split = &job.split;
-    let scaler = fit_scaler(&job.spec, txs, |t| split.period(t.ts) == Period::Train);
+    let scaler = fit_scaler(&job.spec, txs, job.label_delay, |t| {
+        split.period(t.ts) == Period::Train
+    });
     if scaler.fitted_rows == 0 {
         return Err(TrainError::NoTrainingRows);
     }
     let builder = WindowBuilder::new(job.spec.clone(), scaler.clone(), job.architecture.window);
-    let ds = Dataset::build(&builder, txs, split);
+    let ds = Dataset::build(&builder, txs, split, job.label_delay);
     let data = data_report(&job.data, txs);
     let count = |s: &WindowSet| PeriodCount {
         windows: s.len(),
@@ -188,6 +209,7 @@ pub fn run_job(
         valid: count(&ds.valid),
         test: count(&ds.test),
         early_stopping_cards_fraction: job.valid_cards,
+        label_delay: job.label_delay,
     };
     observer.prepared(&data, &periods);
     if ds.train.frauds() == 0 {

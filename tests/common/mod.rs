@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod browser;
+pub mod bundle;
 pub mod detector;
 pub mod prometheus;
 

@@ -52,7 +52,8 @@ pub async fn run_kafka(
         ),
         None => None,
     };
-    let source = KafkaSource::new(consumer, assignment);
+    let restored = labels.as_ref().map(|l| l.restored.clone());
+    let source = KafkaSource::new(consumer, assignment, restored);
     let sink = KafkaSink::new(
         producer,
         s.alerts_topic.clone(),
@@ -61,7 +62,7 @@ pub async fn run_kafka(
     );
     let stats = crate::stream::run(detector, source, sink, s.batch, shutdown, progress).await;
     if let Some(l) = labels {
-        l.abort();
+        l.task.abort();
     }
     stats
 }

@@ -86,3 +86,22 @@ impl Sink for KafkaSink {
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("output records serialise")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_record_the_producer_refuses_is_a_failed_acknowledgement() {
+        // No broker is needed to be refused: a message above the producer's own size limit
+        // never leaves the client.
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("message.max.bytes", "1000")
+            .create()
+            .unwrap();
+        let ack = send(&producer, "t", Some("k"), &"x".repeat(5_000));
+        let err = ack.await.unwrap_err();
+        assert!(err.contains("producing to t"), "{err}");
+    }
+}

@@ -14,14 +14,22 @@ use crate::stream::{Envelope, Source};
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<GroupContext>>,
     assignment: Arc<Assignment>,
+    /// Until this says true, nothing is consumed (label tables are being restored).
+    restored: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl KafkaSource {
-    /// A source on a subscribed consumer whose context revokes through `assignment`.
-    pub fn new(consumer: Arc<StreamConsumer<GroupContext>>, assignment: Arc<Assignment>) -> Self {
+    /// A source on a subscribed consumer whose context revokes through `assignment`; with
+    /// `restored`, it consumes nothing until that turns true.
+    pub fn new(
+        consumer: Arc<StreamConsumer<GroupContext>>,
+        assignment: Arc<Assignment>,
+        restored: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Self {
         KafkaSource {
             consumer,
             assignment,
+            restored,
         }
     }
 }
@@ -41,6 +49,10 @@ pub fn envelope(m: &impl Message, generation: u64) -> Envelope {
 
 impl Source for KafkaSource {
     async fn next(&mut self) -> Option<Envelope> {
+        if let Some(mut r) = self.restored.take() {
+            // A closed channel (the labels task ended) releases the gate too.
+            let _ = r.wait_for(|done| *done).await;
+        }
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
