@@ -115,8 +115,17 @@ fn learns_the_amount_scenario_and_reports_it() {
             &test_from.to_string(),
             "--scores-out",
             scores.to_str().unwrap(),
+            "--group-by",
+            "scenario",
         ],
     );
+    // Recall per value of the file's scenario column: all frauds are scenario 1 here.
+    let by = &v["recall_by"]["scenario"];
+    assert_eq!(by["1"]["frauds"], v["frauds"]);
+    assert_eq!(by["0"]["frauds"], 0);
+    let alerted = by["1"]["alerted"].as_f64().unwrap();
+    let recall = v["recall"].as_f64().unwrap();
+    assert!((alerted / v["frauds"].as_f64().unwrap() - recall).abs() < 1e-9);
     for key in [
         "average_precision",
         "roc_auc",

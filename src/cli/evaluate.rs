@@ -13,8 +13,9 @@ use super::data::{load_sorted, show_time};
 use crate::model::Bundle;
 use crate::report::{self, ReportInput};
 use crate::schema::Format;
+use crate::schema::RecordReader;
 use crate::schema::Span;
-use crate::train::metrics::{Summary, daily_card_precision, f1};
+use crate::train::metrics::{Summary, daily_card_precision, f1, recall_by_group};
 use crate::train::{TrainingReport, WindowSet, parse_date};
 
 /// Options of `evaluate`.
@@ -48,6 +49,10 @@ pub struct EvaluateArgs {
     /// (default: the delay the model was trained with).
     #[arg(long)]
     pub label_delay: Option<Span>,
+    /// Also report recall per value of this column of the file (e.g. the simulator's
+    /// `scenario`); needs the spec's transaction id to join rows.
+    #[arg(long)]
+    pub group_by: Option<String>,
     /// Write per-transaction scores as CSV (transaction_id, card_id, ts, score, label).
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
@@ -91,6 +96,20 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let threshold = bundle.threshold();
     let summary = Summary::compute(&scores, &set.labels, &set.keys, &set.ts, threshold);
     let daily = daily_card_precision(&scores, &set.labels, &set.keys, &set.ts, 100);
+    let groups = match &args.group_by {
+        Some(column) => {
+            let values = group_values(&args.data, args.format, m, column)?;
+            let of = |id: &Option<String>| {
+                id.as_ref()
+                    .and_then(|i| values.get(i))
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let g: Vec<String> = set.ids.iter().map(of).collect();
+            Some(recall_by_group(&scores, &set.labels, &g, threshold))
+        }
+        None => None,
+    };
     if let Some(path) = &args.scores_out {
         write_scores(path, &set, &scores).with_context(|| format!("writing {}", path.display()))?;
     }
@@ -117,14 +136,63 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         let mut v = serde_json::to_value(&summary)?;
         v["model"] = json!({"name": m.name, "version": m.version, "sha256": m.weights_sha256});
         v["card_precision_at_100_daily"] = json!(daily);
+        if let (Some(g), Some(column)) = (&groups, &args.group_by) {
+            v["recall_by"] = json!({ column: g });
+        }
         if let Some(p) = &report_path {
             v["report"] = json!(p.display().to_string());
         }
         println!("{v}");
     } else {
         print_text(&bundle, &summary, &daily, report_path.as_deref());
+        if let (Some(g), Some(column)) = (&groups, &args.group_by) {
+            println!();
+            println!("recall by {column} (at the threshold):");
+            for (value, r) in g.iter().filter(|(_, r)| r.frauds > 0) {
+                println!(
+                    "  {column} {value:<10} {:>6} frauds  {:>6} alerted  recall {:.3}",
+                    r.frauds, r.alerted, r.recall
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Each transaction id's value of `column`, read from the file (the spec does not carry it).
+fn group_values(
+    path: &std::path::Path,
+    format: Option<Format>,
+    m: &crate::model::Manifest,
+    column: &str,
+) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let id = m
+        .spec
+        .id
+        .as_deref()
+        .context("--group-by needs a spec with a transaction id to join on")?;
+    let format = format.unwrap_or_else(|| Format::from_path(path));
+    let mut reader = RecordReader::open(&path.to_string_lossy(), format)?;
+    let mut out = std::collections::HashMap::new();
+    let text = |obj: &serde_json::Map<String, serde_json::Value>, f: &str| {
+        obj.get(f).map(|v| match v {
+            serde_json::Value::String(s) => s.trim().to_string(),
+            v => v.to_string(),
+        })
+    };
+    while let Some(row) = reader.next_row() {
+        let Ok(r) = row?.1 else { continue };
+        let obj = r.into_json();
+        if let (Some(i), Some(g)) = (text(&obj, id), text(&obj, column)) {
+            out.insert(i, g);
+        }
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "no row of {} has a `{column}` column",
+        path.display()
+    );
+    Ok(out)
 }
 
 fn write_scores(path: &std::path::Path, set: &WindowSet, scores: &[f32]) -> std::io::Result<()> {

@@ -167,6 +167,45 @@ impl Summary {
     }
 }
 
+/// Frauds and how many of them alerted, for one value of a grouping column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecall {
+    /// Transactions with this value.
+    pub transactions: u64,
+    /// Frauds among them.
+    pub frauds: u64,
+    /// Frauds alerted (score >= threshold).
+    pub alerted: u64,
+    /// alerted / frauds (0 without frauds).
+    pub recall: f64,
+}
+
+/// Recall at `threshold` per value of `groups` (e.g. the simulator's fraud scenario).
+pub fn recall_by_group(
+    scores: &[f32],
+    labels: &[bool],
+    groups: &[String],
+    threshold: f64,
+) -> std::collections::BTreeMap<String, GroupRecall> {
+    let mut out: std::collections::BTreeMap<String, GroupRecall> = Default::default();
+    for ((&s, &y), g) in scores.iter().zip(labels).zip(groups) {
+        let e = out.entry(g.clone()).or_default();
+        e.transactions += 1;
+        if y {
+            e.frauds += 1;
+            e.alerted += u64::from(f64::from(s) >= threshold);
+        }
+    }
+    for g in out.values_mut() {
+        g.recall = if g.frauds == 0 {
+            0.0
+        } else {
+            g.alerted as f64 / g.frauds as f64
+        };
+    }
+    out
+}
+
 /// Card precision@k for each UTC day present: `(day number since the epoch, precision)`.
 pub fn daily_card_precision(
     scores: &[f32],
@@ -214,6 +253,17 @@ mod tests {
         assert!((roc_auc(&S, &Y) - 0.777_777_777_777_777_8).abs() < 1e-12);
         // All scores tied: the curve is the diagonal.
         assert_eq!(roc_auc(&[0.5; 4], &[true, false, true, false]), 0.5);
+    }
+
+    #[test]
+    fn recall_per_group_counts_alerted_frauds() {
+        let groups: Vec<String> = ["0", "2", "2", "3", "2", "3"].map(String::from).to_vec();
+        let r = recall_by_group(&S, &Y, &groups, 0.4);
+        // Frauds: index 2 (0.35, group 2), 3 (0.8, group 3), 5 (0.9, group 3).
+        assert_eq!(r["2"].frauds, 1);
+        assert_eq!(r["2"].recall, 0.0);
+        assert_eq!((r["3"].frauds, r["3"].alerted, r["3"].recall), (2, 2, 1.0));
+        assert_eq!(r["0"].transactions, 1);
     }
 
     #[test]
