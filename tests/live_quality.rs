@@ -228,6 +228,13 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
     let rows = dom.matches("<tr class=\"alert-row\">").count();
     assert!(rows > 0 && rows <= 25, "{rows} alert rows");
     assert!(dom.contains("class=\"bar\""), "attention bars");
+    // Each alert's reasons: a feature, its value, its typical value, the score without it.
+    let why = dom
+        .split("<td class=\"why\"><div>")
+        .nth(1)
+        .and_then(|rest| rest.split("</div>").next())
+        .unwrap_or_else(|| panic!("no reasons in the alert table:\n{dom}"));
+    assert!(why.contains(": ") && why.contains("(typ. ") && why.contains(" → "), "{why}");
     // The KPI shows both windows to 3 decimals (JavaScript's rounding of halves may differ
     // from Rust's, hence the tolerance).
     let kpi: Vec<f64> = dom

@@ -323,3 +323,104 @@ fn oversized_messages_are_dead_lettered_unparsed() {
         "the payload is cut to the limit"
     );
 }
+
+/// `serve --warm-from HISTORY` continues from the state a detector that had seen the history
+/// would hold: its scores of the later transactions equal offline evaluation of the whole file
+/// (history included, labels known a week later), context features and all.
+#[test]
+fn warming_from_history_scores_like_offline_evaluation_of_everything() {
+    use fraudstream::features::{DEFAULT_LABEL_DELAY, fit_scaler};
+    use fraudstream::schema::{FeatureSpec, Format, load};
+    let dir = tempfile::tempdir().unwrap();
+    let all = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "45", "--cards", "120"],
+    );
+    let spec = FeatureSpec::cards();
+    let mut txs = load(&all.to_string_lossy(), Format::Jsonl, &spec, 0, |_| {})
+        .unwrap()
+        .transactions;
+    txs.sort_by(|a, b| a.ts.total_cmp(&b.ts));
+    // A model with the label-rate features (random weights: the scores must agree, whatever
+    // they are).
+    let model = dir.path().join("model");
+    let scaler = fit_scaler(&spec, &txs, DEFAULT_LABEL_DELAY, |_| true);
+    common::bundle::random(&model, spec, 30, scaler);
+    // History: the first 38 days; live: the rest.
+    let cut = txs[0].ts + 38.0 * 86_400.0;
+    let lines: Vec<String> = std::fs::read_to_string(&all)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let ts_of = |l: &str| {
+        serde_json::from_str::<Value>(l).unwrap()["ts"]
+            .as_f64()
+            .unwrap()
+    };
+    let (history, live): (Vec<&String>, Vec<&String>) = lines.iter().partition(|l| ts_of(l) < cut);
+    let join = |v: &[&String]| v.iter().map(|l| format!("{l}\n")).collect::<String>();
+    let (hist_file, live_file) = (
+        dir.path().join("history.jsonl"),
+        dir.path().join("live.jsonl"),
+    );
+    std::fs::write(&hist_file, join(&history)).unwrap();
+    std::fs::write(&live_file, join(&live)).unwrap();
+    let model_arg = model.to_string_lossy().into_owned();
+    let (_, scores, _, stderr) = serve(
+        &live_file,
+        dir.path(),
+        &[
+            "--model",
+            &model_arg,
+            "--warm-from",
+            hist_file.to_str().unwrap(),
+        ],
+    );
+    assert!(stderr.contains("state warmed from history"), "{stderr}");
+    let offline = dir.path().join("offline.csv");
+    fraudstream()
+        .args(["evaluate", "--no-report", "--model", &model_arg, "--data"])
+        .arg(&all)
+        .args(["--from", &cut.to_string(), "--scores-out"])
+        .arg(&offline)
+        .assert()
+        .success();
+    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[3].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(scores.len(), live.len());
+    assert_eq!(expected.len(), live.len());
+    for s in &scores {
+        let id = s["transaction_id"].as_str().unwrap();
+        let online = s["score"].as_f64().unwrap();
+        assert!(
+            (online - expected[id]).abs() < 2e-6,
+            "{id}: {online} vs {}",
+            expected[id]
+        );
+    }
+    // Without the warm-up the context is missing and scores differ.
+    let cold = dir.path().join("cold");
+    std::fs::create_dir_all(&cold).unwrap();
+    let (_, cold_scores, _, _) = serve(&live_file, &cold, &["--model", &model_arg]);
+    let differ = cold_scores
+        .iter()
+        .filter(|s| {
+            let id = s["transaction_id"].as_str().unwrap();
+            (s["score"].as_f64().unwrap() - expected[id]).abs() > 1e-4
+        })
+        .count();
+    assert!(
+        differ > live.len() / 2,
+        "only {differ} of {} differ cold",
+        live.len()
+    );
+}
