@@ -234,7 +234,10 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         .nth(1)
         .and_then(|rest| rest.split("</div>").next())
         .unwrap_or_else(|| panic!("no reasons in the alert table:\n{dom}"));
-    assert!(why.contains(": ") && why.contains("(typ. ") && why.contains(" → "), "{why}");
+    assert!(
+        why.contains(": ") && why.contains("(typ. ") && why.contains(" → "),
+        "{why}"
+    );
     // The KPI shows both windows to 3 decimals (JavaScript's rounding of halves may differ
     // from Rust's, hence the tolerance).
     let kpi: Vec<f64> = dom

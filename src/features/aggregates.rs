@@ -13,6 +13,20 @@ pub fn bucket_of(ts: f64) -> i64 {
     (ts / BUCKET_SECS as f64).floor() as i64
 }
 
+/// The position of `hour` in the ascending `hours`, inserted there when absent (then `true`):
+/// usually the newest bucket or a new one; an out-of-order record finds its own.
+pub(super) fn find_or_insert(hours: &mut VecDeque<i64>, hour: i64) -> (usize, bool) {
+    let at = hours.iter().rposition(|&h| h <= hour);
+    match at {
+        Some(i) if hours[i] == hour => (i, false),
+        _ => {
+            let i = at.map_or(0, |i| i + 1);
+            hours.insert(i, hour);
+            (i, true)
+        }
+    }
+}
+
 /// Hourly counts and sums of one card's transactions, oldest first.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CardSeries {
@@ -36,21 +50,13 @@ impl CardSeries {
     /// than `horizon` before the newest one.
     pub fn add(&mut self, ts: f64, values: &[f64], horizon_secs: i64) {
         let k = values.len();
-        let hour = bucket_of(ts);
-        // Usually the newest bucket or a new one; an out-of-order record finds its own.
-        let at = self.hours.iter().rposition(|&h| h <= hour);
-        let i = match at {
-            Some(i) if self.hours[i] == hour => i,
-            _ => {
-                let i = at.map_or(0, |i| i + 1);
-                self.hours.insert(i, hour);
-                self.counts.insert(i, 0);
-                for j in 0..k {
-                    self.sums.insert(i * k + j, 0.0);
-                }
-                i
+        let (i, new) = find_or_insert(&mut self.hours, bucket_of(ts));
+        if new {
+            self.counts.insert(i, 0);
+            for j in 0..k {
+                self.sums.insert(i * k + j, 0.0);
             }
-        };
+        }
         self.counts[i] += 1;
         for (j, v) in values.iter().enumerate() {
             self.sums[i * k + j] += v;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 
-use super::aggregates::{BUCKET_SECS, bucket_of};
+use super::aggregates::{BUCKET_SECS, bucket_of, find_or_insert};
 use crate::schema::{Derived, FeatureSpec, LabelEvent};
 
 /// Labels of one key value, per hour of event time, oldest first.
@@ -34,17 +34,11 @@ impl Series {
             self.late.push((hour, known_at, fraud));
             return;
         }
-        let at = self.hours.iter().rposition(|&h| h <= hour);
-        let i = match at {
-            Some(i) if self.hours[i] == hour => i,
-            _ => {
-                let i = at.map_or(0, |i| i + 1);
-                self.hours.insert(i, hour);
-                self.labelled.insert(i, 0);
-                self.frauds.insert(i, 0);
-                i
-            }
-        };
+        let (i, new) = find_or_insert(&mut self.hours, hour);
+        if new {
+            self.labelled.insert(i, 0);
+            self.frauds.insert(i, 0);
+        }
         self.labelled[i] += 1;
         self.frauds[i] += u32::from(fraud);
     }
