@@ -15,7 +15,7 @@ use crate::report::{self, ReportInput};
 use crate::schema::Format;
 use crate::schema::RecordReader;
 use crate::schema::Span;
-use crate::train::metrics::{Summary, daily_card_precision, f1, recall_by_group};
+use crate::train::metrics::{GroupRecall, Summary, daily_card_precision, f1, recall_by_group};
 use crate::train::{TrainingReport, WindowSet, parse_date};
 
 /// Options of `evaluate`.
@@ -62,33 +62,7 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     let bundle = Bundle::load(&args.model, &Device::Cpu)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let m = &bundle.manifest;
-    let from = args
-        .from
-        .as_deref()
-        .map(parse_date)
-        .transpose()?
-        .unwrap_or(f64::NEG_INFINITY);
-    let until = args
-        .until
-        .as_deref()
-        .map(parse_date)
-        .transpose()?
-        .unwrap_or(f64::INFINITY);
-    let txs = load_sorted(&args.data, args.format, &m.spec)?;
-    let builder = bundle.window_builder();
-    let mut set = WindowSet::new(builder.window_len(), builder.width());
-    let label_delay = args
-        .label_delay
-        .unwrap_or_else(|| TrainingReport::label_delay_of(m));
-    builder.replay(&txs, label_delay, |tx, w| {
-        if tx.ts >= from && tx.ts < until {
-            set.push(w);
-        }
-    });
-    anyhow::ensure!(
-        !set.is_empty(),
-        "no transactions between --from and --until"
-    );
+    let set = windows(&args, &bundle)?;
     let bar = super::progress(set.len() as u64, "windows");
     bar.set_message("scoring");
     let scores = set.score(&bundle.fast, 512, |n| bar.set_position(n as u64));
@@ -106,25 +80,24 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default()
             };
             let g: Vec<String> = set.ids.iter().map(of).collect();
-            Some(recall_by_group(&scores, &set.labels, &g, threshold))
+            Some((column, recall_by_group(&scores, &set.labels, &g, threshold)))
         }
         None => None,
     };
     if let Some(path) = &args.scores_out {
         write_scores(path, &set, &scores).with_context(|| format!("writing {}", path.display()))?;
     }
-    let data_label = format!(
-        "{} from {} to {}",
-        args.data.display(),
-        show_time(set.ts[0]),
-        show_time(set.ts[set.len() - 1])
-    );
     let report_path = if args.no_report {
         None
     } else {
         let input = ReportInput {
             manifest: m,
-            data_label,
+            data_label: format!(
+                "{} from {} to {}",
+                args.data.display(),
+                show_time(set.ts[0]),
+                show_time(set.ts[set.len() - 1])
+            ),
             summary: &summary,
             scores: &scores,
             labels: &set.labels,
@@ -136,8 +109,8 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         let mut v = serde_json::to_value(&summary)?;
         v["model"] = json!({"name": m.name, "version": m.version, "sha256": m.weights_sha256});
         v["card_precision_at_100_daily"] = json!(daily);
-        if let (Some(g), Some(column)) = (&groups, &args.group_by) {
-            v["recall_by"] = json!({ column: g });
+        if let Some((column, g)) = &groups {
+            v["recall_by"] = json!({ column.as_str(): g });
         }
         if let Some(p) = &report_path {
             v["report"] = json!(p.display().to_string());
@@ -145,18 +118,51 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         println!("{v}");
     } else {
         print_text(&bundle, &summary, &daily, report_path.as_deref());
-        if let (Some(g), Some(column)) = (&groups, &args.group_by) {
-            println!();
-            println!("recall by {column} (at the threshold):");
-            for (value, r) in g.iter().filter(|(_, r)| r.frauds > 0) {
-                println!(
-                    "  {column} {value:<10} {:>6} frauds  {:>6} alerted  recall {:.3}",
-                    r.frauds, r.alerted, r.recall
-                );
-            }
+        if let Some((column, g)) = &groups {
+            print_groups(column, g);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The windows of the transactions between --from and --until, every earlier one feeding them,
+/// labels known as the bundle was trained to assume (unless --label-delay says otherwise).
+fn windows(args: &EvaluateArgs, bundle: &Bundle) -> anyhow::Result<WindowSet> {
+    let m = &bundle.manifest;
+    let bound = |v: &Option<String>, default: f64| -> anyhow::Result<f64> {
+        Ok(v.as_deref().map(parse_date).transpose()?.unwrap_or(default))
+    };
+    let (from, until) = (
+        bound(&args.from, f64::NEG_INFINITY)?,
+        bound(&args.until, f64::INFINITY)?,
+    );
+    let txs = load_sorted(&args.data, args.format, &m.spec)?;
+    let builder = bundle.window_builder();
+    let mut set = WindowSet::new(builder.window_len(), builder.width());
+    let label_delay = args
+        .label_delay
+        .unwrap_or_else(|| TrainingReport::label_delay_of(m));
+    builder.replay(&txs, label_delay, |tx, w| {
+        if tx.ts >= from && tx.ts < until {
+            set.push(w);
+        }
+    });
+    anyhow::ensure!(
+        !set.is_empty(),
+        "no transactions between --from and --until"
+    );
+    Ok(set)
+}
+
+fn print_groups(column: &str, g: &std::collections::BTreeMap<String, GroupRecall>) {
+    println!();
+    println!("recall by {column} (at the threshold):");
+    for (value, r) in g.iter().filter(|(_, r)| r.frauds > 0) {
+        println!(
+            "  {column} {value:<10} {:>6} frauds  {:>6} alerted  recall {:.3}",
+            r.frauds, r.alerted, r.recall
+        );
+    }
 }
 
 /// Each transaction id's value of `column`, read from the file (the spec does not carry it).
