@@ -250,6 +250,11 @@ fn serving_scores_equal_offline_evaluation_scores() {
             "--model",
             "models/default",
             "--no-report",
+            // Serving a file learns no label (inline labels count for live quality only), so
+            // offline no label may become known either: the same context, the same scores.
+            // (`warming_from_history_...` below checks serving with labels.)
+            "--label-delay",
+            "100000d",
             "--data",
         ])
         .arg(&input)
