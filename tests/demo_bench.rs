@@ -24,6 +24,8 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
     let summary = String::from_utf8(out.stdout).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("embedded broker"), "{stderr}");
+    // The default model's context comes from a simulated history loaded before the live days.
+    assert!(stderr.contains("warmed up on "), "{stderr}");
     assert!(stderr.contains("dashboard: http://127.0.0.1:"), "{stderr}");
     // "scored N transactions" equals what the demo said it replayed.
     let replayed = replayed(&stderr);
@@ -140,6 +142,9 @@ fn bench_prints_the_documented_json() {
     );
     assert!(p50 <= p99);
     assert!(v["memory_per_card_bytes"].as_f64().unwrap() > 0.0);
+    // The default model's label tables: a terminal with a label a day for 37 days.
+    let per_terminal = v["memory_per_terminal_bytes"].as_f64().unwrap();
+    assert!((100.0..100_000.0).contains(&per_terminal), "{per_terminal}");
     // A remembered score holds an id, a flag and a time: tens to a few hundred bytes.
     let per_score = v["memory_per_remembered_score_bytes"].as_f64().unwrap();
     assert!((16.0..1000.0).contains(&per_score), "{per_score}");
