@@ -33,6 +33,14 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
         summary.contains(&format!("scored {replayed} transactions")),
         "{summary}"
     );
+    // The summary counts the cards held at the end (closing the source forgets them after).
+    let cards: u64 = summary
+        .split(" cards (")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("card count: {summary}"));
+    assert!(cards > 100 && cards <= 800, "{summary}");
     for part in [
         "tx/s",
         "latency p50",
@@ -123,6 +131,10 @@ fn bench_prints_the_documented_json() {
             "1",
             "--rate",
             "3000",
+            "--replay-rate",
+            "200",
+            "--replay-seconds",
+            "1",
         ])
         .timeout(std::time::Duration::from_secs(120))
         .output()
@@ -148,6 +160,16 @@ fn bench_prints_the_documented_json() {
     // A remembered score holds an id, a flag and a time: tens to a few hundred bytes.
     let per_score = v["memory_per_remembered_score_bytes"].as_f64().unwrap();
     assert!((16.0..1000.0).contains(&per_score), "{per_score}");
+    // The pacer's check: 200 messages offered at 200/s. (The README's figure is the 10-second
+    // run; this only checks the numbers are there and plausible, not the machine's speed.)
+    let pacing = &v["replay_messages_per_s"];
+    assert_eq!(pacing["offered"].as_f64(), Some(200.0), "{v}");
+    assert_eq!(pacing["messages"].as_u64(), Some(200), "{v}");
+    let achieved = pacing["achieved"].as_f64().unwrap();
+    assert!(
+        achieved > 0.0 && achieved <= 202.0,
+        "faster than offered: {achieved}"
+    );
     fraudstream()
         .args(["bench", "--help"])
         .assert()

@@ -252,8 +252,11 @@ fn readiness_follows_partitions_and_broker_reachability() {
     .unwrap();
     let addr = serve.wait_ready(Duration::from_secs(60));
     assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
+    let (_, text) = common::detector::get(&addr, "/metrics");
+    assert_eq!(metric(&text, "fraudstream_broker_up"), 1.0);
     tansu.kill().unwrap();
     tansu.wait().unwrap();
+    let killed = std::time::Instant::now();
     common::wait_until(
         Duration::from_secs(30),
         "/readyz 503 after the broker died",
@@ -266,8 +269,23 @@ fn readiness_follows_partitions_and_broker_reachability() {
     );
     let (_, text) = common::detector::get(&addr, "/metrics");
     assert_eq!(metric(&text, "fraudstream_ready"), 0.0);
+    assert_eq!(metric(&text, "fraudstream_broker_up"), 0.0);
     // Still alive: liveness does not depend on the broker.
     assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
+    // librdkafka retries the connection many times a second; each kind of line it logs
+    // appears about once per 10 s, not once per attempt.
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(killed.elapsed()));
+    let log = serve.log();
+    let mut per_facility: HashMap<String, usize> = HashMap::new();
+    for line in log.lines().filter(|l| l.contains("librdkafka: ")) {
+        let fac = line.split("librdkafka: ").last().unwrap_or("");
+        let fac = fac.split_whitespace().next().unwrap_or("").to_string();
+        *per_facility.entry(fac).or_default() += 1;
+    }
+    assert!(
+        per_facility.values().all(|n| *n <= 3),
+        "{per_facility:?}\n{log}"
+    );
 }
 
 #[test]
@@ -433,6 +451,23 @@ fn a_member_joining_mid_stream_takes_over_without_duplicates_or_stale_lag() {
 /// A dead letter that cannot be delivered (larger than the producer's message limit) is not
 /// acknowledged: the offset of its record is not committed, later records of the partition are
 /// still scored, and a restarted detector reads the record again and delivers its dead letter.
+/// The group's committed offset of partition 0 of `topic`.
+fn committed(group: &str, topic: &str) -> Offset {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .find_partition(topic, 0)
+        .unwrap()
+        .offset()
+}
+
 #[test]
 fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
     let dir = tempfile::tempdir().unwrap();
@@ -490,6 +525,11 @@ fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
         metric(&text, "fraudstream_transactions_total{outcome=\"scored\"}") as usize,
         lines.len()
     );
+    assert_eq!(
+        metric(&text, "fraudstream_delivery_failures_total"),
+        1.0,
+        "the undeliverable dead letter is counted"
+    );
     let (code, log) = serve.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("delivery failed"), "{log}");
@@ -497,21 +537,7 @@ fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
         read_all(&dlq).is_empty(),
         "the dead letter was too large to deliver"
     );
-    let committed = |group: &str| {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&input, 0);
-        consumer
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .unwrap()
-            .find_partition(&input, 0)
-            .unwrap()
-            .offset()
-    };
+    let committed = |group: &str| committed(group, &input);
     assert_eq!(
         committed(&group),
         Offset::Offset(half as i64),
@@ -531,4 +557,160 @@ fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
     let (code, log) = again.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
     assert_eq!(committed(&group), Offset::Offset(lines.len() as i64 + 1));
+}
+
+/// Records of 1 MB (parsed, a bad field quoting a huge value) and 5 MB (over the detector's
+/// message limit) become dead letters that fit under the broker's limit: a prefix of the
+/// payload with the whole record's size and SHA-256. They are delivered, so the committed
+/// offset moves past them, and the records after them are scored.
+#[test]
+fn huge_records_are_dead_lettered_with_their_size_and_hash_and_committed() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.jsonl", &["--days", "2", "--cards", "40"]);
+    let valid = std::fs::read_to_string(&file).unwrap().lines().count();
+    let (input, alerts, scores, dlq) = (
+        unique("tx"),
+        unique("alerts"),
+        unique("scores"),
+        unique("dlq"),
+    );
+    create_topics(&[&input, &alerts, &scores, &dlq], 1);
+    let one_mb = format!(
+        "{{\"transaction_id\":\"one\",\"ts\":1522540900,\"card_id\":\"7\",\"amount\":\"{}\"}}",
+        "z".repeat(999_000 - 60)
+    );
+    let five_mb = "x".repeat(5_000_000);
+    produce_raw(&input, "7", &[one_mb.as_bytes(), five_mb.as_bytes()]);
+    replay(&file, &input);
+    let group = unique("group");
+    let serve = Serve::start(&[
+        "--group",
+        &group,
+        "--input-topic",
+        &input,
+        "--alerts-topic",
+        &alerts,
+        "--scores-topic",
+        &scores,
+        "--dead-letter-topic",
+        &dlq,
+    ]);
+    let letters = read_topic(&dlq, 2, Duration::from_secs(90));
+    read_topic(&scores, valid, Duration::from_secs(90));
+    let text = serve.wait_metrics(Duration::from_secs(30), "both counted", |t| {
+        t.contains("fraudstream_dead_letters_total{reason=\"oversized\"} 1")
+    });
+    assert_eq!(metric(&text, "fraudstream_delivery_failures_total"), 0.0);
+    let (code, log) = serve.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    for ((_, offset, letter), (original, reason)) in letters.iter().zip([
+        (one_mb.as_bytes(), "not_a_number"),
+        (five_mb.as_bytes(), "oversized"),
+    ]) {
+        assert_eq!(letter["reason"], reason, "{offset}");
+        assert_eq!(letter["payload_bytes"], original.len());
+        assert_eq!(letter["payload_truncated"], true);
+        assert_eq!(
+            letter["payload_sha256"],
+            hex::encode(Sha256::digest(original))
+        );
+        let payload = letter["payload"].as_str().unwrap();
+        assert!(payload.len() <= 64 << 10, "{}", payload.len());
+        assert!(original.starts_with(payload.as_bytes()));
+        assert!(letter["error"].as_str().unwrap().len() < 2 << 10);
+    }
+    assert_eq!(
+        committed(&group, &input),
+        Offset::Offset(valid as i64 + 2),
+        "committed past the dead-lettered records"
+    );
+}
+
+/// With the broker gone mid-replay, `replay` gives up after `--timeout-s` with a clear error
+/// and exit code 2 instead of retrying forever.
+#[test]
+fn replay_gives_up_when_the_broker_dies_under_it() {
+    let (mut tansu, brokers) = common::broker::own_tansu();
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.csv", &["--days", "3", "--cards", "100"]);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+    cmd.args(["replay", "--brokers", &brokers, "--topic", &unique("tx")])
+        .args(["--partitions", "1", "--rate", "200", "--timeout-s", "3"])
+        .arg("--data")
+        .arg(&file)
+        .stderr(std::process::Stdio::piped());
+    common::die_with_parent(&mut cmd);
+    let mut replay = cmd.spawn().unwrap();
+    // ~3,000 transactions at 200/s take 15 s: two seconds in is mid-replay, whatever the
+    // machine's speed (this sleep places the fault; it does not wait for an outcome).
+    std::thread::sleep(Duration::from_secs(2));
+    tansu.kill().unwrap();
+    tansu.wait().unwrap();
+    let killed = std::time::Instant::now();
+    let status = common::wait_until(Duration::from_secs(30), "replay to exit", || {
+        replay.try_wait().unwrap()
+    });
+    let waited = killed.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut replay.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is the broker at"), "{stderr}");
+    assert!(waited < Duration::from_secs(15), "{waited:?}: {stderr}");
+}
+
+/// The broker dies under a detector consuming a replay in flight; SIGTERM then ends the
+/// detector within `--shutdown-timeout-s` (plus start-up slack) with exit code 2 and a message
+/// saying what it abandoned, instead of waiting for the broker forever.
+#[test]
+fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
+    let (mut tansu, brokers) = common::broker::own_tansu();
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.csv", &["--days", "3", "--cards", "100"]);
+    let (input, alerts, scores) = (unique("tx"), unique("alerts"), unique("scores"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(fraudstream::stream::kafka::ensure_topics(
+        &brokers,
+        &[],
+        &[&input, &alerts, &scores],
+        1,
+    ))
+    .unwrap();
+    let serve = Serve::start_on(
+        &brokers,
+        &[
+            "--group",
+            &unique("group"),
+            "--input-topic",
+            &input,
+            "--alerts-topic",
+            &alerts,
+            "--scores-topic",
+            &scores,
+            "--shutdown-timeout-s",
+            "3",
+        ],
+    );
+    serve.wait_ready(Duration::from_secs(60));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+    cmd.args(["replay", "--brokers", &brokers, "--topic", &input])
+        .args(["--rate", "300", "--timeout-s", "5", "--data"])
+        .arg(&file)
+        .stderr(std::process::Stdio::null());
+    common::die_with_parent(&mut cmd);
+    let mut replay = cmd.spawn().unwrap();
+    serve.wait_metrics(Duration::from_secs(60), "scoring under way", |t| {
+        t.contains("fraudstream_transactions_total{outcome=\"scored\"}")
+            && metric(t, "fraudstream_transactions_total{outcome=\"scored\"}") >= 100.0
+    });
+    tansu.kill().unwrap();
+    tansu.wait().unwrap();
+    let began = std::time::Instant::now();
+    let (code, log) = serve.stop(Duration::from_secs(20));
+    let took = began.elapsed();
+    let _ = replay.kill();
+    let _ = replay.wait();
+    assert!(took < Duration::from_secs(10), "{took:?}:\n{log}");
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("shutdown timed out after 3s"), "{log}");
 }

@@ -318,15 +318,30 @@ fn oversized_messages_are_dead_lettered_unparsed() {
     text.insert_str(0, &huge);
     let input = dir.path().join("big.jsonl");
     std::fs::write(&input, &text).unwrap();
-    let (_, scores, dead, _) = serve(&input, dir.path(), &["--max-message-bytes", "1000"]);
+    let (_, scores, dead, _) = serve(
+        &input,
+        dir.path(),
+        &[
+            "--max-message-bytes",
+            "1000",
+            "--max-dead-letter-payload-bytes",
+            "700",
+        ],
+    );
     assert_eq!(scores.len(), text.lines().count() - 1);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["reason"], "oversized");
     assert_eq!(
         dead[0]["payload"].as_str().unwrap().len(),
-        1000,
-        "the payload is cut to the limit"
+        700,
+        "the payload is cut to the dead-letter limit"
     );
+    assert_eq!(
+        dead[0]["payload_bytes"],
+        huge.len() - 1,
+        "the whole line's size"
+    );
+    assert_eq!(dead[0]["payload_truncated"], true);
 }
 
 /// `serve --warm-from HISTORY` continues from the state a detector that had seen the history
@@ -428,4 +443,45 @@ fn warming_from_history_scores_like_offline_evaluation_of_everything() {
         "only {differ} of {} differ cold",
         live.len()
     );
+}
+
+/// `serve --input -` with a writer that never closes stdin still stops on SIGTERM: it scores
+/// what it read, prints its summary and exits 0.
+#[test]
+fn stdin_mode_stops_on_sigterm_while_stdin_stays_open() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(dir.path(), "cards.jsonl", &["--days", "1", "--cards", "50"]);
+    let lines = std::fs::read_to_string(&input).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fraudstream"));
+    cmd.args(["serve", "--input", "-", "--http", "127.0.0.1:0"])
+        .args(["--scores-output", "-"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    common::die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(lines.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    // Every line scored (a score record each on stdout) while stdin stays open.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..lines.lines().count() {
+        let mut record = String::new();
+        stdout.read_line(&mut record).unwrap();
+        assert!(record.contains("\"score\""), "{record}");
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_until(
+        std::time::Duration::from_secs(15),
+        "serve to exit on SIGTERM with stdin open",
+        || child.try_wait().unwrap(),
+    );
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    drop(stdin);
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(stderr.contains("scored "), "{stderr}");
 }

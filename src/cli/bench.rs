@@ -12,7 +12,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::demo::{DemoBroker, replay_simulation};
+use super::demo::{DemoBroker, replay_days, replay_simulation};
 use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
 use crate::observe::Metrics;
@@ -39,6 +39,13 @@ pub struct BenchArgs {
     /// Use this broker for the end-to-end run instead of the embedded one.
     #[arg(long)]
     pub brokers: Option<String>,
+    /// The producer's pacing check: `replay`'s pacer offers this many messages a second
+    /// (0: skip the check).
+    #[arg(long, default_value_t = 500.0)]
+    pub replay_rate: f64,
+    /// ... for this many seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub replay_seconds: f64,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -78,9 +85,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let inference = inference(&args)?;
     let memory = memory(&bundle, args.json);
     let e2e = end_to_end(&bundle, &args)?;
+    let pacing = replay_pacing(&args)?;
     if args.json {
         let mut out = json!({ "inference_windows_per_s": inference });
-        for (k, v) in memory.into_iter().chain(e2e) {
+        for (k, v) in memory.into_iter().chain(e2e).chain(pacing) {
             out[k] = v;
         }
         println!("{out}");
@@ -226,6 +234,55 @@ fn end_to_end(
         ("end_to_end_rate_limit_per_s", json!(args.rate)),
         ("transactions", json!(transactions)),
     ])
+}
+
+/// `replay`'s pacer against the broker: simulated transactions offered at `--replay-rate` for
+/// `--replay-seconds`; the rate achieved is messages over the time until the last was
+/// acknowledged.
+fn replay_pacing(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
+    if args.replay_rate <= 0.0 {
+        return Ok(Vec::new());
+    }
+    let count = (args.replay_rate * args.replay_seconds).round().max(1.0) as usize;
+    let mut days: Vec<Vec<crate::sim::SimTx>> = Vec::new();
+    let mut taken = 0;
+    for day in Simulator::new(SimConfig::default()) {
+        let day: Vec<_> = day.into_iter().take(count - taken).collect();
+        taken += day.len();
+        days.push(day);
+        if taken == count {
+            break;
+        }
+    }
+    let suffix = std::process::id();
+    let topic = format!("bench-replay-{suffix}");
+    let rt = tokio::runtime::Runtime::new()?;
+    let broker = rt.block_on(DemoBroker::start(
+        args.brokers.clone(),
+        &topic,
+        &format!("bench-replay-alerts-{suffix}"),
+    ))?;
+    let began = Instant::now();
+    let sent = rt.block_on(replay_days(
+        &broker.brokers,
+        &topic,
+        &days,
+        Some(args.replay_rate),
+    ))?;
+    let achieved = sent as f64 / began.elapsed().as_secs_f64();
+    drop(broker);
+    if !args.json {
+        println!(
+            "replay pacing: {sent} messages offered at {} per second, {achieved:.1} per second achieved \
+             ({:+.1}%)",
+            args.replay_rate,
+            (achieved / args.replay_rate - 1.0) * 100.0
+        );
+    }
+    Ok(vec![(
+        "replay_messages_per_s",
+        json!({"offered": args.replay_rate, "achieved": (achieved * 10.0).round() / 10.0, "messages": sent}),
+    )])
 }
 
 /// Resident set size in bytes (Linux).

@@ -18,7 +18,9 @@ use crate::features::DEFAULT_LABEL_DELAY;
 use crate::model::Bundle;
 use crate::observe::{Metrics, spawn_server};
 use crate::sim::{SimConfig, SimTx, Simulator};
-use crate::stream::kafka::{KafkaSettings, client_config, ensure_topics, run_kafka};
+use crate::stream::kafka::{
+    InFlight, KafkaSettings, Pacer, client_config, ensure_topics, run_kafka,
+};
 use crate::stream::{Detector, DetectorSettings};
 
 /// Options of `demo`.
@@ -233,30 +235,20 @@ pub(crate) async fn replay_days(
         &[("linger.ms", "5"), ("enable.idempotence", "true")],
     )
     .create()?;
-    let began = tokio::time::Instant::now();
-    let mut pending = Vec::new();
+    let mut pacer = Pacer::new(rate);
+    let mut in_flight = InFlight::default();
     let mut total = 0u64;
-    for day in days {
-        for tx in day {
-            if let Some(rate) = rate
-                && total.is_multiple_of(50)
-            {
-                tokio::time::sleep_until(began + Duration::from_secs_f64(total as f64 / rate))
-                    .await;
-            }
-            let payload = serde_json::to_vec(&tx.to_json())?;
-            let key = tx.card_id.to_string();
-            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
-                Ok(f) => pending.push(f),
-                Err((e, _)) => anyhow::bail!("producing: {e}"),
-            }
-            total += 1;
+    for tx in days.iter().flatten() {
+        pacer.wait().await;
+        let payload = serde_json::to_vec(&tx.to_json())?;
+        let key = tx.card_id.to_string();
+        match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+            Ok(f) => in_flight.push(f).await.map_err(anyhow::Error::msg)?,
+            Err((e, _)) => anyhow::bail!("producing: {e}"),
         }
-        for f in pending.drain(..) {
-            f.await?
-                .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
-        }
+        total += 1;
     }
+    in_flight.finish().await.map_err(anyhow::Error::msg)?;
     producer.flush(Duration::from_secs(30))?;
     Ok(total)
 }

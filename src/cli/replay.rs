@@ -8,7 +8,7 @@ use clap::Args;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::schema::{FeatureSpec, Format, RecordReader};
-use crate::stream::kafka::{client_config, ensure_topics, parse_kafka_setting};
+use crate::stream::kafka::{InFlight, Pacer, client_config, ensure_topics, parse_kafka_setting};
 
 /// Options of `replay`.
 #[derive(Debug, Args)]
@@ -40,6 +40,10 @@ pub struct ReplayArgs {
     /// Seconds between a transaction and its label (with `--labels-topic`).
     #[arg(long, default_value_t = 0.0, requires = "labels_topic")]
     pub label_delay: f64,
+    /// Give up (exit 2) when the broker does not acknowledge a message, or answer the topic
+    /// creation, within this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout_s: f64,
     /// Any librdkafka setting, `key=value`; repeatable.
     #[arg(long = "kafka", value_parser = parse_kafka_setting)]
     pub kafka: Vec<(String, String)>,
@@ -118,19 +122,14 @@ fn read_sorted(args: &ReplayArgs, spec: &FeatureSpec) -> anyhow::Result<Vec<Row>
 /// Hands one record to the producer; its delivery joins `pending`.
 fn send(
     producer: &FutureProducer,
-    pending: &mut Vec<rdkafka::producer::DeliveryFuture>,
     topic: &str,
     key: &str,
     payload: &[u8],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<rdkafka::producer::DeliveryFuture> {
     let record = FutureRecord::to(topic).key(key).payload(payload);
-    match producer.send_result(record) {
-        Ok(f) => {
-            pending.push(f);
-            Ok(())
-        }
-        Err((e, _)) => anyhow::bail!("producing to {topic}: {e}"),
-    }
+    producer
+        .send_result(record)
+        .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))
 }
 
 pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
@@ -139,13 +138,21 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     if let Some(limit) = args.limit {
         rows.truncate(limit);
     }
+    anyhow::ensure!(args.timeout_s > 0.0, "--timeout-s must be positive");
+    let timeout = Duration::from_secs_f64(args.timeout_s);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         if let Some(p) = args.partitions {
             let mut topics = vec![args.topic.as_str()];
             topics.extend(args.labels_topic.as_deref());
-            ensure_topics(&args.brokers, &args.kafka, &topics, p).await?;
+            tokio::time::timeout(
+                timeout,
+                ensure_topics(&args.brokers, &args.kafka, &topics, p),
+            )
+            .await
+            .map_err(|_| unreachable(&args.brokers, timeout))??;
         }
+        let message_timeout_ms = timeout.as_millis().to_string();
         let producer: FutureProducer = client_config(
             &args.brokers,
             &args.kafka,
@@ -153,6 +160,9 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                 ("enable.idempotence", "true"),
                 ("acks", "all"),
                 ("linger.ms", "10"),
+                // A delivery not acknowledged in this time fails: replay exits instead of
+                // retrying forever against a broker that is gone.
+                ("message.timeout.ms", &message_timeout_ms),
             ],
         )
         .create()
@@ -162,14 +172,20 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         let delay = Duration::from_secs_f64(args.label_delay.max(0.0));
         // Labels wait here, in the order they fall due, until `delay` after their transaction.
         let mut labels: std::collections::VecDeque<(Instant, String, Vec<u8>)> = Default::default();
-        let mut pending = Vec::with_capacity(10_000);
+        let mut in_flight = InFlight::default();
+        let mut pacer = Pacer::new(args.rate);
         let mut labelled = 0usize;
+        let failed = |e: String| {
+            anyhow::anyhow!(
+                "{e} (after {}s: is the broker at {} up? --timeout-s sets the wait)",
+                args.timeout_s,
+                args.brokers
+            )
+        };
         for (i, row) in rows.iter().enumerate() {
-            if let Some(rate) = args.rate {
-                let due = began + Duration::from_secs_f64(i as f64 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            send(&producer, &mut pending, &args.topic, &row.key, &row.payload)?;
+            pacer.wait().await;
+            let sent = send(&producer, &args.topic, &row.key, &row.payload)?;
+            in_flight.push(sent).await.map_err(failed)?;
             if let Some(label) = &row.label {
                 labels.push_back((Instant::now() + delay, row.key.clone(), label.clone()));
             }
@@ -179,14 +195,11 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
                     .is_some_and(|(due, _, _)| *due <= Instant::now())
                 {
                     let (_, key, payload) = labels.pop_front().expect("front exists");
-                    send(&producer, &mut pending, lt, &key, &payload)?;
+                    in_flight
+                        .push(send(&producer, lt, &key, &payload)?)
+                        .await
+                        .map_err(failed)?;
                     labelled += 1;
-                }
-            }
-            if pending.len() >= 10_000 || args.rate.is_some() {
-                for f in pending.drain(..) {
-                    f.await?
-                        .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
                 }
             }
             bar.set_position(i as u64 + 1);
@@ -195,15 +208,15 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             bar.set_message("waiting to publish the remaining labels");
             for (due, key, payload) in labels.drain(..) {
                 tokio::time::sleep_until(due.into()).await;
-                send(&producer, &mut pending, lt, &key, &payload)?;
+                in_flight
+                    .push(send(&producer, lt, &key, &payload)?)
+                    .await
+                    .map_err(failed)?;
                 labelled += 1;
             }
         }
-        for f in pending.drain(..) {
-            f.await?
-                .map_err(|(e, _)| anyhow::anyhow!("delivery failed: {e}"))?;
-        }
-        producer.flush(Duration::from_secs(30))?;
+        in_flight.finish().await.map_err(failed)?;
+        producer.flush(timeout)?;
         bar.finish_and_clear();
         eprintln!(
             "replayed {} messages to {} in {:.1}s ({:.0}/s)",
@@ -221,4 +234,11 @@ pub(crate) fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn unreachable(brokers: &str, timeout: Duration) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no answer from the broker at {brokers} in {}s (--timeout-s)",
+        timeout.as_secs_f64()
+    )
 }

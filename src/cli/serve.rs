@@ -16,7 +16,10 @@ use crate::observe::{Metrics, QualitySettings, spawn_server};
 use crate::schema::{Format, Span, StateScope};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
 use crate::stream::kafka::{KafkaSettings, run_kafka};
-use crate::stream::{BatchSettings, DEFAULT_MAX_MESSAGE_BYTES, Detector, DetectorSettings};
+use crate::stream::{
+    BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Detector,
+    DetectorSettings,
+};
 
 /// Options of `serve`.
 #[derive(Debug, Args)]
@@ -100,6 +103,15 @@ pub struct ServeArgs {
     /// Larger messages are dead-lettered without parsing.
     #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// On SIGTERM/SIGINT, drain (score, publish, acknowledge and commit what was read) for at
+    /// most this many seconds; then exit with code 2, naming what was abandoned (its offsets are
+    /// not committed: it is read again after a restart).
+    #[arg(long, default_value_t = BatchSettings::DEFAULT_DRAIN_TIMEOUT_S as f64)]
+    pub shutdown_timeout_s: f64,
+    /// A dead letter carries at most this many bytes of its message (with the whole message's
+    /// size and SHA-256), so that it fits under the broker's message limit.
+    #[arg(long, default_value_t = DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES)]
+    pub max_dead_letter_payload_bytes: usize,
 }
 
 impl ServeArgs {
@@ -110,8 +122,13 @@ impl ServeArgs {
             "--max-batch and --queue must be positive"
         );
         anyhow::ensure!(self.max_cards > 0, "--max-cards must be positive");
+        anyhow::ensure!(
+            self.shutdown_timeout_s.is_finite() && self.shutdown_timeout_s >= 0.0,
+            "--shutdown-timeout-s must be a number of seconds"
+        );
         let detector = DetectorSettings {
             max_message_bytes: self.max_message_bytes,
+            max_dead_letter_payload_bytes: self.max_dead_letter_payload_bytes,
             limits: StateLimits {
                 max_cards: self.max_cards,
                 idle_ttl_ms: self.card_ttl_s.saturating_mul(1000),
@@ -131,6 +148,7 @@ impl ServeArgs {
             max_batch: self.max_batch,
             max_wait: Duration::from_millis(self.max_wait_ms),
             queue: self.queue,
+            drain_timeout: Duration::from_secs_f64(self.shutdown_timeout_s),
         };
         Ok((detector, batch))
     }
@@ -230,7 +248,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 batch,
                 shutdown_signal(),
                 |_| {},
-            ))?
+            ))
         }
         (None, Some(brokers)) => {
             let settings = KafkaSettings {
@@ -246,9 +264,18 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 on_assigned: None,
             };
             tracing::info!(brokers = %settings.brokers, group = %settings.group, topic = %settings.input_topic, "consuming");
-            rt.block_on(run_kafka(detector, settings, shutdown_signal(), |_| {}))?
+            rt.block_on(run_kafka(detector, settings, shutdown_signal(), |_| {}))
         }
         (None, None) => anyhow::bail!("give --input (embedded mode) or --brokers (Kafka mode)"),
+    };
+    let stats = match stats {
+        Ok(stats) => stats,
+        Err(e) => {
+            // Tasks may still wait on an unreachable broker (or a blocked stdin): do not wait
+            // for them on the way out.
+            rt.shutdown_background();
+            return Err(e.into());
+        }
     };
     eprintln!("{}", stats.summary());
     Ok(ExitCode::SUCCESS)

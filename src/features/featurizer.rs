@@ -60,6 +60,8 @@ pub struct Featurizer {
     aggregated: Vec<usize>,
     /// The longest card-aggregate window: how long the card's buckets are kept.
     card_horizon_secs: i64,
+    /// Features per transaction (asked for per record: computed once).
+    width: usize,
 }
 
 impl Featurizer {
@@ -123,6 +125,7 @@ impl Featurizer {
             .max()
             .unwrap_or(0);
         Featurizer {
+            width: spec.width(),
             aggregated: fields.iter().map(|f| numeric(f)).collect(),
             spec,
             steps,
@@ -137,7 +140,7 @@ impl Featurizer {
 
     /// The number of features per transaction.
     pub fn width(&self) -> usize {
-        self.spec.width()
+        self.width
     }
 
     /// Writes the raw features of `tx` into `out` (cleared first) and advances the card's

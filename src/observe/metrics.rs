@@ -23,6 +23,10 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Messages read from a partition revoked since, dropped before publishing.
     pub revoked_drops: IntCounter,
+    /// Messages with an output the broker did not acknowledge (offset not stored).
+    pub delivery_failures: IntCounter,
+    /// 1 while librdkafka's statistics show a broker connection up.
+    pub broker_up: IntGauge,
     /// Windows per scored batch.
     pub batch_size: Histogram,
     /// Time to score one batch.
@@ -146,6 +150,14 @@ impl Metrics {
             revoked_drops: r.add(IntCounter::new(
                 "fraudstream_revoked_dropped_total",
                 "Messages dropped unpublished because their partition was revoked (the next owner scores them)",
+            )?)?,
+            broker_up: r.add(IntGauge::new(
+                "fraudstream_broker_up",
+                "1 while the consumer has a broker connection up (librdkafka statistics, every 5 s), else 0",
+            )?)?,
+            delivery_failures: r.add(IntCounter::new(
+                "fraudstream_delivery_failures_total",
+                "Messages with an alert, score or dead letter the broker did not acknowledge (offset not stored: read again after a restart)",
             )?)?,
             batch_size: r.add(histogram(
                 "fraudstream_inference_batch_size",
@@ -296,6 +308,7 @@ impl Metrics {
     /// Records whether a broker connection is up (from librdkafka's statistics).
     pub fn set_broker_reachable(&self, up: bool) {
         self.broker_flag.store(up, Ordering::Relaxed);
+        self.broker_up.set(i64::from(up));
         self.update_ready();
     }
 

@@ -312,7 +312,12 @@ impl FeatureSpec {
 
     /// The model's input width.
     pub fn width(&self) -> usize {
-        self.feature_names().len()
+        self.numeric.len()
+            + self
+                .derived
+                .iter()
+                .map(|d| d.columns().len())
+                .sum::<usize>()
     }
 }
 

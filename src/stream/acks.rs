@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,38 +64,31 @@ struct Part {
     in_flight: usize,
 }
 
-/// The partitions this instance reads, each with a generation that changes when it is revoked,
-/// and a count of published messages not yet stored.
+/// The partitions of the input topic this instance reads, each with a generation that changes
+/// when it is revoked, and a count of published messages not yet stored. (One source reads one
+/// topic, so partitions are keyed by number: no allocation per message.)
 #[derive(Debug, Default)]
 pub struct Assignment {
-    parts: Mutex<HashMap<(String, i32), Part>>,
+    parts: Mutex<HashMap<i32, Part>>,
     settled: Condvar,
+    acknowledged: AtomicU64,
 }
 
 impl Assignment {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Part>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Part>> {
         self.parts.lock().expect("assignment lock")
     }
 
     /// The current generation of a partition (what a source stamps on each message it reads).
-    pub fn generation(&self, topic: &str, partition: i32) -> u64 {
-        let mut parts = self.lock();
-        match parts.get(&(topic.to_string(), partition)) {
-            Some(p) => p.generation,
-            None => {
-                parts.insert((topic.to_string(), partition), Part::default());
-                0
-            }
-        }
+    pub fn generation(&self, partition: i32) -> u64 {
+        self.lock().entry(partition).or_default().generation
     }
 
     /// Whether work read at `origin` may still be published; if so it counts as in flight until
     /// [`Assignment::stored`]. False when its partition was revoked since it was read.
     pub fn begin(&self, origin: &Origin) -> bool {
         let mut parts = self.lock();
-        let part = parts
-            .entry((origin.topic.clone(), origin.partition))
-            .or_default();
+        let part = parts.entry(origin.partition).or_default();
         if part.generation != origin.generation {
             return false;
         }
@@ -104,21 +98,27 @@ impl Assignment {
 
     /// The published message at `origin` is acknowledged (stored or failed).
     pub fn stored(&self, origin: &Origin) {
+        self.acknowledged.fetch_add(1, Ordering::Relaxed);
         let mut parts = self.lock();
-        if let Some(p) = parts.get_mut(&(origin.topic.clone(), origin.partition)) {
+        if let Some(p) = parts.get_mut(&origin.partition) {
             p.in_flight = p.in_flight.saturating_sub(1);
         }
         self.settled.notify_all();
     }
 
+    /// How many published messages were acknowledged (stored or failed) so far.
+    pub fn acknowledged(&self) -> u64 {
+        self.acknowledged.load(Ordering::Relaxed)
+    }
+
     /// Takes partitions away: work read before now is dropped unpublished, and this waits (at
     /// most `wait`) until what was already published is acknowledged, so a commit right after
     /// covers it. Returns whether everything settled in time.
-    pub fn revoke(&self, partitions: &[(String, i32)], wait: Duration) -> bool {
+    pub fn revoke(&self, partitions: &[i32], wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
         let mut parts = self.lock();
-        for key in partitions {
-            parts.entry(key.clone()).or_default().generation += 1;
+        for p in partitions {
+            parts.entry(*p).or_default().generation += 1;
         }
         loop {
             let busy = partitions
@@ -141,29 +141,27 @@ impl Assignment {
 }
 
 /// Awaits deliveries in consumption order and stores each message's offset once all its
-/// acknowledgements arrived; `on_acked` gets each scored transaction's timing (for latency).
-/// Ends when `rx` closes.
+/// acknowledgements arrived; `on_acked` gets each scored transaction's timing (for latency),
+/// `on_failed` each message with an output that was not delivered (and why). Ends when `rx`
+/// closes.
 pub async fn acknowledge(
     mut rx: mpsc::Receiver<Delivery>,
     offsets: &dyn OffsetStore,
     assignment: &Assignment,
     mut on_acked: impl FnMut(Option<i64>, Instant),
+    mut on_failed: impl FnMut(&Origin, &str),
 ) {
-    let mut failed: HashSet<(String, i32)> = HashSet::new();
+    // One source reads one topic: partitions are keyed by number.
+    let mut failed: HashSet<i32> = HashSet::new();
     while let Some(d) = rx.recv().await {
         let mut ok = true;
         for ack in d.acks {
             if let Err(e) = ack.await {
-                tracing::error!(
-                    topic = %d.origin.topic,
-                    partition = d.origin.partition,
-                    offset = d.origin.offset,
-                    "delivery failed, offset not stored: {e}"
-                );
+                on_failed(&d.origin, &e);
                 ok = false;
             }
         }
-        let key = (d.origin.topic.clone(), d.origin.partition);
+        let key = d.origin.partition;
         if !ok {
             failed.insert(key);
         } else if !failed.contains(&key) {
@@ -237,7 +235,9 @@ mod tests {
         drop(tx);
         let task = {
             let (store, assignment) = (store.clone(), assignment.clone());
-            tokio::spawn(async move { acknowledge(rx, &*store, &assignment, |_, _| {}).await })
+            tokio::spawn(async move {
+                acknowledge(rx, &*store, &assignment, |_, _| {}, |_, _| {}).await
+            })
         };
         // The last acknowledgement first: nothing may be stored before offset 10 is.
         a2.send(Ok(())).unwrap();
@@ -268,7 +268,16 @@ mod tests {
         tx.send(delivery(0, 3, vec![ready(Ok(()))])).await.unwrap();
         tx.send(delivery(1, 7, vec![ready(Ok(()))])).await.unwrap();
         drop(tx);
-        acknowledge(rx, &store, &assignment, |_, _| {}).await;
+        let mut failures = Vec::new();
+        acknowledge(
+            rx,
+            &store,
+            &assignment,
+            |_, _| {},
+            |o, e| failures.push((o.offset, e.to_string())),
+        )
+        .await;
+        assert_eq!(failures, [(2, "MessageSizeTooLarge".to_string())]);
         assert_eq!(
             *store.0.lock().unwrap(),
             [(0, 1), (1, 7)],
@@ -279,7 +288,7 @@ mod tests {
     #[test]
     fn revoked_work_is_dropped_and_published_work_is_waited_for() {
         let assignment = Arc::new(Assignment::default());
-        let generation = assignment.generation("t", 0);
+        let generation = assignment.generation(0);
         let published = Origin {
             generation,
             ..origin(0, 1)
@@ -297,18 +306,18 @@ mod tests {
                 a.stored(&o);
             })
         };
-        let key = [("t".to_string(), 0)];
+        let key = [0];
         assert!(assignment.revoke(&key, Duration::from_secs(5)));
         stored.join().unwrap();
         assert!(
             !assignment.begin(&queued),
             "read before the revocation: dropped"
         );
-        assert_eq!(assignment.generation("t", 0), generation + 1);
+        assert_eq!(assignment.generation(0), generation + 1);
         // Nothing in flight: a revocation returns at once; one stuck in flight times out.
         assert!(assignment.revoke(&key, Duration::ZERO));
         let again = Origin {
-            generation: assignment.generation("t", 0),
+            generation: assignment.generation(0),
             ..origin(0, 3)
         };
         assert!(assignment.begin(&again));

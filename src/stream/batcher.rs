@@ -20,6 +20,9 @@ pub struct BatchSettings {
     pub max_wait: Duration,
     /// Capacity of the queues between stages; a full queue pauses the source (back-pressure).
     pub queue: usize,
+    /// After a shutdown signal, how long draining (scoring, publishing, acknowledging,
+    /// committing what was read) may take before the run gives up on the rest.
+    pub drain_timeout: Duration,
 }
 
 impl BatchSettings {
@@ -29,6 +32,9 @@ impl BatchSettings {
     pub const DEFAULT_MAX_WAIT_MS: u64 = 5;
     /// 4,096 items: sixteen full batches in flight per stage, about a second of peak traffic.
     pub const DEFAULT_QUEUE: usize = 4096;
+    /// 30 s: a drain takes well under a second with a reachable broker, and the deployment
+    /// manifests give the process 45 s after SIGTERM before it is killed.
+    pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 30;
 }
 
 impl Default for BatchSettings {
@@ -37,6 +43,7 @@ impl Default for BatchSettings {
             max_batch: Self::DEFAULT_MAX_BATCH,
             max_wait: Duration::from_millis(Self::DEFAULT_MAX_WAIT_MS),
             queue: Self::DEFAULT_QUEUE,
+            drain_timeout: Duration::from_secs(Self::DEFAULT_DRAIN_TIMEOUT_S),
         }
     }
 }

@@ -20,6 +20,11 @@ use crate::schema::{FeatureSpec, Transaction};
 /// `message.max.bytes`: nothing larger reaches a default topic anyway).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
 
+/// A dead letter carries at most this many bytes of its message (64 KiB: enough to read what
+/// was wrong, small enough that a dead letter always fits under a broker's message limit,
+/// 1 MB by default; the whole message's size and SHA-256 are in the dead letter too).
+pub const DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES: usize = 64 << 10;
+
 /// How many of the attended transactions an alert names: enough for an analyst to look at,
 /// few enough to read at a glance.
 pub const TOP_ATTENTION: usize = 3;
@@ -29,6 +34,8 @@ pub const TOP_ATTENTION: usize = 3;
 pub struct DetectorSettings {
     /// Larger messages are dead-lettered without parsing.
     pub max_message_bytes: usize,
+    /// A dead letter keeps at most this many bytes of its message.
+    pub max_dead_letter_payload_bytes: usize,
     /// How many cards' windows are kept, and for how long.
     pub limits: StateLimits,
     /// Scores remembered for labels from a labels topic (`max_scores` 0: only inline labels).
@@ -39,6 +46,7 @@ impl Default for DetectorSettings {
     fn default() -> Self {
         DetectorSettings {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_dead_letter_payload_bytes: DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES,
             limits: StateLimits::default(),
             quality: QualitySettings {
                 max_scores: 0,
@@ -240,8 +248,9 @@ impl Detector {
 
     fn window(&self, env: &Envelope) -> Ingest {
         let limit = self.settings.max_message_bytes;
+        let keep = self.settings.max_dead_letter_payload_bytes;
         let dead = |reason: &str, field: Option<&str>, error: String| {
-            Ingest::Invalid(Box::new(DeadLetter::new(env, reason, field, error, limit)))
+            Ingest::Invalid(Box::new(DeadLetter::new(env, reason, field, error, keep)))
         };
         if env.payload.len() > limit {
             let error = format!(
@@ -304,7 +313,7 @@ impl Detector {
                 e.reason(),
                 e.field(),
                 e.to_string(),
-                self.settings.max_message_bytes,
+                self.settings.max_dead_letter_payload_bytes,
             ))),
         }
     }

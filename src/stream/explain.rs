@@ -50,38 +50,79 @@ impl Explainer {
         raw: &[f64],
         score: f32,
     ) -> Vec<Reason> {
+        self.reasons_of(
+            model,
+            &[Alerted {
+                window,
+                len,
+                raw,
+                score,
+            }],
+        )
+        .pop()
+        .unwrap_or_default()
+    }
+
+    /// The reasons of several alerts, all their variations scored in one call (large batches
+    /// use the network far better than one small batch per alert).
+    pub fn reasons_of(&self, model: &FastModel, alerts: &[Alerted<'_>]) -> Vec<Vec<Reason>> {
         let width = self.names.len();
-        let last = window.len() - width;
-        // One copy per feature that is not already typical, with that feature set to typical.
-        let changed: Vec<usize> = (0..width).filter(|&j| window[last + j] != 0.0).collect();
-        let copies: Vec<Vec<f32>> = changed
-            .iter()
-            .map(|&j| {
-                let mut w = window.to_vec();
+        // Per alert, the features not already typical: one variation each, with that feature
+        // set to typical (0 once scaled) in the current row.
+        let mut copies: Vec<Vec<f32>> = Vec::new();
+        let mut lens = Vec::new();
+        let mut owners: Vec<(usize, usize)> = Vec::new();
+        for (a, alert) in alerts.iter().enumerate() {
+            let last = alert.window.len() - width;
+            for j in (0..width).filter(|&j| alert.window[last + j] != 0.0) {
+                let mut w = alert.window.to_vec();
                 w[last + j] = 0.0;
-                w
-            })
-            .collect();
+                copies.push(w);
+                lens.push(alert.len);
+                owners.push((a, j));
+            }
+        }
+        if copies.is_empty() {
+            return vec![Vec::new(); alerts.len()];
+        }
         let refs: Vec<&[f32]> = copies.iter().map(Vec::as_slice).collect();
-        let (without, _) = model.predict(&refs, &vec![len; refs.len()]);
-        let mut reasons: Vec<(f32, usize)> = changed
-            .iter()
-            .zip(without)
-            .filter(|(_, s)| *s < score)
-            .map(|(&j, s)| (s, j))
-            .collect();
-        reasons.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        reasons
+        let (without, _) = model.predict(&refs, &lens);
+        let mut drops: Vec<Vec<(f32, usize)>> = vec![Vec::new(); alerts.len()];
+        for ((a, j), s) in owners.into_iter().zip(without) {
+            if s < alerts[a].score {
+                drops[a].push((s, j));
+            }
+        }
+        drops
             .into_iter()
-            .take(TOP_REASONS)
-            .map(|(s, j)| Reason {
-                feature: self.names[j].clone(),
-                value: raw[j],
-                typical: self.typical[j],
-                score_without: s,
+            .zip(alerts)
+            .map(|(mut d, alert)| {
+                d.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+                d.into_iter()
+                    .take(TOP_REASONS)
+                    .map(|(s, j)| Reason {
+                        feature: self.names[j].clone(),
+                        value: alert.raw[j],
+                        typical: self.typical[j],
+                        score_without: s,
+                    })
+                    .collect()
             })
             .collect()
     }
+}
+
+/// An alerted window to explain.
+#[derive(Debug, Clone, Copy)]
+pub struct Alerted<'a> {
+    /// The window (scaled, current transaction last).
+    pub window: &'a [f32],
+    /// Its real rows.
+    pub len: usize,
+    /// The current transaction's raw features.
+    pub raw: &'a [f64],
+    /// Its score.
+    pub score: f32,
 }
 
 #[cfg(test)]

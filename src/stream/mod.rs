@@ -31,8 +31,8 @@ use tokio::sync::mpsc;
 pub use acks::{Ack, Assignment, Delivery, OffsetStore};
 pub use batcher::BatchSettings;
 pub use detector::{
-    DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector, DetectorSettings, Ingest, Ingested, Pending,
-    TOP_ATTENTION, spawn_evictor,
+    DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector,
+    DetectorSettings, Ingest, Ingested, Pending, TOP_ATTENTION, spawn_evictor,
 };
 pub use records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, TRANSPORT_REASONS,
@@ -54,6 +54,18 @@ pub enum StreamError {
     /// The sink could not write (a file), so nothing more can be published.
     #[error("writing output: {0}")]
     Sink(String),
+    /// A shutdown's drain did not finish in time; what was not acknowledged is not committed.
+    #[error(
+        "shutdown timed out after {}s: {abandoned} message(s) read but not acknowledged were abandoned \
+         (their offsets are not committed, so they are read again after a restart)",
+        timeout.as_secs_f64()
+    )]
+    DrainTimeout {
+        /// The drain's limit.
+        timeout: Duration,
+        /// Messages read whose outputs were not all acknowledged.
+        abandoned: u64,
+    },
     /// A pipeline task panicked (a bug).
     #[error("a pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -117,10 +129,15 @@ pub async fn run<S: Source, K: Sink>(
     let (offsets, assignment) = (source.offsets(), source.assignment());
     let acker = {
         let (run, assignment) = (run.clone(), assignment.clone());
+        let metrics = detector.metrics().clone();
         tokio::spawn(async move {
-            acks::acknowledge(ack_rx, &*offsets, &assignment, |ts, at| {
-                run.decided(latency(ts, at))
-            })
+            acks::acknowledge(
+                ack_rx,
+                &*offsets,
+                &assignment,
+                |ts, at| run.decided(latency(ts, at)),
+                |origin, error| Event::DeliveryFailed { origin, error }.emit(&metrics),
+            )
             .await
         })
     };
@@ -158,29 +175,92 @@ pub async fn run<S: Source, K: Sink>(
     };
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut read = 0u64;
+    let mut signalled = false;
     loop {
         tokio::select! {
-            () = &mut shutdown => {
-                tracing::info!("draining: scoring, publishing and acknowledging what was read");
-                break;
-            }
+            () = &mut shutdown => { signalled = true; break }
             _ = tick.tick() => progress(&run.stats()),
             env = source.next() => match env {
-                // A full queue makes this wait: reading pauses until the scorer catches up.
-                Some(env) => if in_tx.send(detector.ingest(&env)).await.is_err() { break },
+                // A full queue makes this wait: reading pauses until the scorer catches up (or
+                // a shutdown: the message is then not handled, and read again after a restart).
+                Some(env) => {
+                    let ingested = detector.ingest(&env);
+                    tokio::select! {
+                        sent = in_tx.send(ingested) => if sent.is_err() { break },
+                        () = &mut shutdown => { signalled = true; break }
+                    }
+                    read += 1;
+                }
                 None => break,
             },
         }
     }
     drop(in_tx);
-    scorer.await?;
-    let published = publisher.await?;
-    acker.await?;
-    source.close().await;
+    let tasks = [
+        scorer.abort_handle(),
+        publisher.abort_handle(),
+        acker.abort_handle(),
+    ];
+    let drain = async {
+        scorer.await?;
+        let published = publisher.await?;
+        acker.await?;
+        Ok::<_, StreamError>(published)
+    };
+    let deadline = tokio::time::Instant::now() + batch.drain_timeout;
+    let published = if signalled {
+        tracing::info!(
+            timeout_s = batch.drain_timeout.as_secs_f64(),
+            "draining: scoring, publishing and acknowledging what was read"
+        );
+        match tokio::time::timeout_at(deadline, drain).await {
+            Ok(published) => published?,
+            Err(_) => {
+                for task in tasks {
+                    task.abort();
+                }
+                evictor.abort();
+                let acknowledged =
+                    assignment.acknowledged() + detector.metrics().revoked_drops.get();
+                let abandoned = read.saturating_sub(acknowledged);
+                tracing::error!(
+                    abandoned,
+                    "shutdown timed out: giving up on what is not acknowledged"
+                );
+                // Closing the consumer would wait for the broker (a final commit, leaving the
+                // group): the process is about to exit, so it is left as it is. Offsets stored so
+                // far were committed by the periodic auto-commit or are read again: at-least-once.
+                std::mem::forget(source);
+                return Err(StreamError::DrainTimeout {
+                    timeout: batch.drain_timeout,
+                    abandoned,
+                });
+            }
+        }
+    } else {
+        drain.await?
+    };
     evictor.abort();
+    // Counted before the source closes: closing gives the partitions back, which forgets cards.
     detector.sync_card_metrics();
-    published?;
     let stats = run.stats();
+    if signalled {
+        if tokio::time::timeout_at(deadline, source.close())
+            .await
+            .is_err()
+        {
+            // Everything was acknowledged, but offsets stored since the last automatic commit
+            // are read again after a restart (at-least-once).
+            return Err(StreamError::DrainTimeout {
+                timeout: batch.drain_timeout,
+                abandoned: 0,
+            });
+        }
+    } else {
+        source.close().await;
+    }
+    published?;
     progress(&stats);
     Ok(stats)
 }

@@ -2,6 +2,7 @@
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 /// One input message with where it came from, whatever the transport.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,13 +131,26 @@ pub fn dead_letter_reasons() -> Vec<&'static str> {
         .collect()
 }
 
-/// A record that could not be scored, with enough to find and replay it.
+/// The longest error text a dead letter carries: errors quote the offending value, which may be
+/// as large as the message; a kilobyte names the problem.
+pub const MAX_ERROR_BYTES: usize = 1024;
+
+/// A record that could not be scored, with enough to find it and to recognise it. The payload is
+/// the message's first bytes (at most the detector's dead-letter payload limit), so the dead
+/// letter itself always fits under the broker's message limit; `payload_bytes` and
+/// `payload_sha256` describe the whole message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
-    /// The original message: text when it is UTF-8, else base64.
+    /// The original message, or its first bytes: text when it is UTF-8, else base64.
     pub payload: String,
     /// `utf8` or `base64`.
     pub payload_encoding: String,
+    /// Size of the whole original message in bytes.
+    pub payload_bytes: usize,
+    /// Whether `payload` is only a prefix of the message.
+    pub payload_truncated: bool,
+    /// SHA-256 of the whole original message, hex.
+    pub payload_sha256: String,
     /// What was wrong, naming the field.
     pub error: String,
     /// Short reason (`invalid_json`, `not_an_object`, `oversized`, or a schema reason).
@@ -154,7 +168,7 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    /// Builds the dead letter of `env`. Oversized payloads are cut to `keep` bytes.
+    /// Builds the dead letter of `env`, its payload cut to at most `keep` bytes once encoded.
     pub fn new(
         env: &Envelope,
         reason: &str,
@@ -162,18 +176,14 @@ impl DeadLetter {
         error: String,
         keep: usize,
     ) -> Self {
-        let bytes = &env.payload[..env.payload.len().min(keep)];
-        let (payload, payload_encoding) = match std::str::from_utf8(bytes) {
-            Ok(s) => (s.to_string(), "utf8"),
-            Err(_) => (
-                base64::engine::general_purpose::STANDARD.encode(bytes),
-                "base64",
-            ),
-        };
+        let (payload, payload_encoding, kept) = encode_prefix(&env.payload, keep);
         DeadLetter {
             payload,
             payload_encoding: payload_encoding.into(),
-            error,
+            payload_bytes: env.payload.len(),
+            payload_truncated: kept < env.payload.len(),
+            payload_sha256: hex::encode(Sha256::digest(&env.payload)),
+            error: cut_text(error, MAX_ERROR_BYTES),
             reason: reason.into(),
             field: field.map(str::to_string),
             topic: env.topic.clone(),
@@ -182,6 +192,41 @@ impl DeadLetter {
             at: now_rfc3339(),
         }
     }
+}
+
+/// The longest prefix of `bytes` that encodes in at most `keep` bytes: as text when that prefix
+/// is UTF-8 (cut at a character boundary), else as base64 (4 bytes per 3). Returns the
+/// encoding's name and how many of the message's bytes it holds.
+fn encode_prefix(bytes: &[u8], keep: usize) -> (String, &'static str, usize) {
+    let head = &bytes[..bytes.len().min(keep)];
+    let text = match std::str::from_utf8(head) {
+        Ok(s) => Some(s),
+        // Our cut split the last character in two: keep the text before it.
+        Err(e) if e.error_len().is_none() && head.len() < bytes.len() => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    };
+    match text {
+        Some(s) => (s.to_string(), "utf8", s.len()),
+        None => {
+            let raw = &bytes[..bytes.len().min(keep / 4 * 3)];
+            let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
+            (encoded, "base64", raw.len())
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, saying how long it was.
+fn cut_text(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len())
 }
 
 /// The current time, RFC 3339 with milliseconds.
@@ -195,4 +240,86 @@ pub fn time_rfc3339(ts: f64) -> String {
         || ts.to_string(),
         |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(payload: Vec<u8>) -> Envelope {
+        Envelope {
+            payload,
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            timestamp_ms: None,
+            generation: 0,
+        }
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_large_text_message_keeps_a_prefix_its_size_and_the_hash_of_the_whole() {
+        let payload = format!("{{\"amount\": \"{}\"}}", "é".repeat(600_000)).into_bytes();
+        let error = format!("field `amount`: not a number: {:?}", "é".repeat(600_000));
+        let d = DeadLetter::new(&env(payload.clone()), "not_a_number", None, error, 1001);
+        assert_eq!(d.payload_encoding, "utf8");
+        // "é" is 2 bytes: a cut at 1001 would split one, so the prefix stops before it.
+        assert!(
+            d.payload.len() <= 1001 && d.payload.len() >= 999,
+            "{}",
+            d.payload.len()
+        );
+        assert!(payload.starts_with(d.payload.as_bytes()));
+        assert!(d.payload_truncated);
+        assert_eq!(d.payload_bytes, payload.len());
+        assert_eq!(d.payload_sha256, sha(&payload));
+        assert!(d.error.len() < MAX_ERROR_BYTES + 40, "{}", d.error.len());
+        assert!(d.error.ends_with("bytes in all)"), "{}", d.error);
+        let json = serde_json::to_string(&d).unwrap();
+        assert!(json.len() < 4_000, "{}", json.len());
+    }
+
+    #[test]
+    fn binary_messages_are_cut_so_that_their_base64_fits() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8 | 0x80).collect();
+        let d = DeadLetter::new(
+            &env(payload.clone()),
+            "invalid_json",
+            None,
+            "x".into(),
+            1000,
+        );
+        assert_eq!(d.payload_encoding, "base64");
+        assert!(d.payload.len() <= 1000, "{}", d.payload.len());
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&d.payload)
+            .unwrap();
+        assert!(payload.starts_with(&decoded) && decoded.len() >= 740);
+        assert!(d.payload_truncated);
+        assert_eq!(d.payload_sha256, sha(&payload));
+    }
+
+    #[test]
+    fn a_small_message_is_kept_whole() {
+        let payload = b"{\"card_id\": 1}".to_vec();
+        let d = DeadLetter::new(
+            &env(payload.clone()),
+            "not_a_number",
+            None,
+            "e".into(),
+            1000,
+        );
+        assert_eq!(d.payload.as_bytes(), &payload[..]);
+        assert!(!d.payload_truncated);
+        assert_eq!(d.payload_bytes, payload.len());
+        // Invalid UTF-8 at the very end of a short message is the message's, not our cut's.
+        let odd = b"{\"a\": \"\xc3".to_vec();
+        let d = DeadLetter::new(&env(odd.clone()), "invalid_json", None, "e".into(), 1000);
+        assert_eq!(d.payload_encoding, "base64");
+        assert!(!d.payload_truncated);
+    }
 }

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::detector::{Decision, Ingest, Ingested};
-use super::explain::Explainer;
+use super::detector::{Decision, Ingest, Ingested, Pending};
+use super::explain::{Alerted, Explainer, Reason};
 use super::records::{DeadLetter, Origin};
 use crate::model::FastModel;
 
@@ -48,29 +48,44 @@ pub struct Outcome {
 /// outcome in order.
 pub fn score_batch(scorer: &Scorer, items: Vec<Ingested>) -> Vec<Outcome> {
     let model = &*scorer.model;
-    let (windows, lens): (Vec<&[f32]>, Vec<usize>) = items
+    let pending: Vec<&Pending> = items
         .iter()
         .filter_map(|i| match &i.kind {
-            Ingest::Window(p) => Some((p.window.as_slice(), p.len)),
+            Ingest::Window(p) => Some(&**p),
             _ => None,
         })
-        .unzip();
+        .collect();
+    let windows: Vec<&[f32]> = pending.iter().map(|p| p.window.as_slice()).collect();
+    let lens: Vec<usize> = pending.iter().map(|p| p.len).collect();
     let (scores, attention) = model.predict(&windows, &lens);
-    let mut scored = scores.into_iter().zip(attention);
+    // Every alert of the batch explained in one more call.
+    let alerted: Vec<usize> = (0..scores.len())
+        .filter(|&i| f64::from(scores[i]) >= scorer.threshold)
+        .collect();
+    let asked: Vec<Alerted> = alerted
+        .iter()
+        .map(|&i| Alerted {
+            window: &pending[i].window,
+            len: pending[i].len,
+            raw: &pending[i].raw,
+            score: scores[i],
+        })
+        .collect();
+    let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); scores.len()];
+    for (i, r) in alerted
+        .into_iter()
+        .zip(scorer.explainer.reasons_of(model, &asked))
+    {
+        reasons[i] = r;
+    }
+    let mut scored = scores.into_iter().zip(attention).zip(reasons);
     items
         .into_iter()
         .map(|item| {
             let kind = match item.kind {
                 Ingest::Window(pending) => {
-                    let (score, attention) = scored.next().expect("one score per window");
-                    let reasons = if f64::from(score) >= scorer.threshold {
-                        let p = &pending;
-                        scorer
-                            .explainer
-                            .reasons(model, &p.window, p.len, &p.raw, score)
-                    } else {
-                        Vec::new()
-                    };
+                    let ((score, attention), reasons) =
+                        scored.next().expect("one score per window");
                     Decided::Scored(Box::new(Decision {
                         pending: *pending,
                         score,

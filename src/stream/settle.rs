@@ -41,6 +41,13 @@ pub enum Event<'a> {
     Duplicate(&'a Origin),
     /// Work read from a partition since revoked was dropped unpublished.
     Dropped(&'a Origin),
+    /// An output of the message was not delivered: its offset is not stored.
+    DeliveryFailed {
+        /// The message.
+        origin: &'a Origin,
+        /// What the producer said.
+        error: &'a str,
+    },
 }
 
 impl Event<'_> {
@@ -65,6 +72,11 @@ impl Event<'_> {
             Event::Dropped(o) => {
                 tracing::debug!(topic = %o.topic, partition = o.partition, offset = o.offset, "partition revoked: dropped unpublished");
                 m.revoked_drops.inc();
+            }
+            Event::DeliveryFailed { origin: o, error } => {
+                tracing::error!(topic = %o.topic, partition = o.partition, offset = o.offset,
+                    "delivery failed, offset not stored (the record is read again after a restart): {error}");
+                m.delivery_failures.inc();
             }
         }
     }

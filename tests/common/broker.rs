@@ -23,6 +23,11 @@ fn tansu_path() -> PathBuf {
 }
 
 fn tansu_command(port: u16) -> Command {
+    tansu_advertising(port, port)
+}
+
+/// tansu listening on `port` and telling clients to connect to `advertised` (a proxy in front).
+fn tansu_advertising(port: u16, advertised: u16) -> Command {
     let bin = tansu_path();
     assert!(
         bin.exists(),
@@ -30,14 +35,17 @@ fn tansu_command(port: u16) -> Command {
          or set FRAUDSTREAM_TEST_BROKERS=host:port",
         bin.display()
     );
-    let url = format!("tcp://127.0.0.1:{port}");
+    let (url, advertised) = (
+        format!("tcp://127.0.0.1:{port}"),
+        format!("tcp://127.0.0.1:{advertised}"),
+    );
     let mut cmd = Command::new(&bin);
     cmd.args([
         "broker",
         "--listener-url",
         &url,
         "--advertised-listener-url",
-        &url,
+        &advertised,
     ])
     .args(["--storage-engine", "memory://tansu/"])
     .stdout(Stdio::null())
@@ -84,6 +92,17 @@ pub fn own_tansu() -> (std::process::Child, String) {
     let addr = format!("127.0.0.1:{port}");
     wait_listening(&addr);
     (child, addr)
+}
+
+/// A tansu broker of the calling test's own that advertises `advertised` (where a TLS proxy
+/// will listen) instead of its own plain port. Returns it and the plain port.
+pub fn own_tansu_behind(advertised: u16) -> (std::process::Child, u16) {
+    let port = super::free_port();
+    let child = tansu_advertising(port, advertised)
+        .spawn()
+        .expect("starting tansu");
+    wait_listening(&format!("127.0.0.1:{port}"));
+    (child, port)
 }
 
 /// A topic or group name unique to this test run.

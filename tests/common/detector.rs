@@ -247,6 +247,8 @@ impl Drop for Serve {
 pub fn produce_raw(topic: &str, key: &str, payloads: &[&[u8]]) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
+        // Tests send records far above the default 1 MB limit.
+        .set("message.max.bytes", "10000000")
         .create()
         .unwrap();
     for p in payloads {

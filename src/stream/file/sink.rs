@@ -24,9 +24,12 @@ impl Jsonl {
         })
     }
 
+    /// Writes one record as one line in one call: when several outputs share stdout, a buffer
+    /// flushed by one of them never ends in the middle of a line.
     fn write<T: Serialize>(&mut self, v: &T) -> std::io::Result<()> {
-        serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n")
+        let mut line = serde_json::to_vec(v)?;
+        line.push(b'\n');
+        self.out.write_all(&line)
     }
 }
 
@@ -92,7 +95,8 @@ impl Sink for FileSink {
     }
 
     fn idle(&mut self) -> Result<(), StreamError> {
-        self.alerts.out.flush().map_err(sink_error)
+        // Every output, not only alerts: a reader following the scores file sees them too.
+        self.flush_all().map_err(sink_error)
     }
 
     async fn flush(&mut self) -> Result<(), StreamError> {

@@ -61,6 +61,25 @@ pub const STATISTICS_INTERVAL_MS: &str = "5000";
 /// still batches under load.
 pub const PRODUCER_LINGER_MS: &str = "2";
 
+/// librdkafka's default `message.max.bytes`: the largest record the producer sends.
+pub const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// Room a dead letter needs besides its payload: the error (at most
+/// [`crate::stream::records::MAX_ERROR_BYTES`]), the field names, topic and times, and the
+/// record's framing.
+pub const DEAD_LETTER_OVERHEAD_BYTES: usize = 4 << 10;
+
+/// The largest record the producer will send (`message.max.bytes`, from `--kafka` or
+/// librdkafka's default).
+pub fn producer_message_limit(s: &KafkaSettings) -> usize {
+    s.extra
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "message.max.bytes")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+}
+
 /// Parses `key=value` (the `--kafka` option).
 pub fn parse_kafka_setting(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -133,6 +152,10 @@ mod tests {
         assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
         assert_eq!(c.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(producer_config(&s).get("enable.idempotence"), Some("true"));
+        assert_eq!(producer_message_limit(&s), LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        s.extra
+            .push(parse_kafka_setting("message.max.bytes=2000").unwrap());
+        assert_eq!(producer_message_limit(&s), 2000);
         assert!(parse_kafka_setting("novalue").is_err());
         assert!(parse_kafka_setting("=x").is_err());
         assert_eq!(

@@ -52,13 +52,13 @@ impl GroupContext {
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
-        if !self.assignment.revoke(&parts, REVOKE_DRAIN_WAIT) {
+        let numbers: Vec<i32> = parts.iter().map(|p| p.1).collect();
+        if !self.assignment.revoke(&numbers, REVOKE_DRAIN_WAIT) {
             tracing::warn!(
                 "revoked partitions still had unacknowledged outputs after {REVOKE_DRAIN_WAIT:?}: \
                  their next owner may publish those transactions again"
             );
         }
-        let numbers: Vec<i32> = parts.iter().map(|p| p.1).collect();
         let forgotten = self.detector.forget_partitions(&numbers);
         let lag = &self.detector.metrics().consumer_lag;
         let mut held = self.held();

@@ -7,6 +7,7 @@ mod admin;
 mod config;
 mod context;
 mod labels;
+mod produce;
 mod sink;
 mod source;
 
@@ -21,6 +22,7 @@ pub use config::{
     KafkaSettings, client_config, consumer_config, parse_kafka_setting, producer_config,
 };
 pub use context::{GroupContext, REVOKE_DRAIN_WAIT};
+pub use produce::{InFlight, MAX_IN_FLIGHT, Pacer};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 
@@ -37,6 +39,7 @@ pub async fn run_kafka(
     shutdown: impl Future<Output = ()>,
     progress: impl FnMut(&RunStats),
 ) -> Result<RunStats, StreamError> {
+    warn_if_dead_letters_may_not_fit(&detector, &s);
     let assignment = Arc::new(Assignment::default());
     let context = GroupContext::new(detector.clone(), assignment.clone(), s.on_assigned.clone());
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
@@ -65,4 +68,20 @@ pub async fn run_kafka(
         l.task.abort();
     }
     stats
+}
+
+/// A dead letter larger than the producer's limit is never delivered (its record's offset is then
+/// never stored, and the partition stops committing): say so at start-up rather than at the
+/// first bad record.
+fn warn_if_dead_letters_may_not_fit(detector: &Detector, s: &KafkaSettings) {
+    let limit = config::producer_message_limit(s);
+    let largest =
+        detector.settings().max_dead_letter_payload_bytes + config::DEAD_LETTER_OVERHEAD_BYTES;
+    if s.dead_letter_topic.is_some() && largest > limit {
+        tracing::warn!(
+            "dead letters may reach {largest} bytes but the producer's message.max.bytes is \
+             {limit}: lower --max-dead-letter-payload-bytes; an undeliverable dead letter \
+             stops its partition's offsets"
+        );
+    }
 }

@@ -56,7 +56,7 @@ impl Source for KafkaSource {
         loop {
             match self.consumer.recv().await {
                 Ok(m) => {
-                    let generation = self.assignment.generation(m.topic(), m.partition());
+                    let generation = self.assignment.generation(m.partition());
                     return Some(envelope(&m, generation));
                 }
                 Err(e) => tracing::warn!("consumer: {e}"),
@@ -73,7 +73,17 @@ impl Source for KafkaSource {
     }
 
     async fn close(self) {
-        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+        // A synchronous commit waits for the broker: off the runtime's threads, so that a
+        // shutdown deadline can give up on it.
+        let consumer = self.consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await;
+        let Ok(committed) = committed else {
+            tracing::error!("final commit: the commit task failed");
+            return;
+        };
+        match committed {
             Ok(()) => tracing::info!("offsets committed"),
             // Nothing stored since the last automatic commit: everything is already committed.
             Err(rdkafka::error::KafkaError::ConsumerCommit(
