@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use common::{fraudstream, simulate};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn read_jsonl(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -484,4 +484,55 @@ fn stdin_mode_stops_on_sigterm_while_stdin_stays_open() {
     drop(stdin);
     assert!(status.success(), "{status:?}: {stderr}");
     assert!(stderr.contains("scored "), "{stderr}");
+}
+
+/// Records that would poison a card (a time in the year 3000 or before 1970, a 300-byte card
+/// id) are dead-lettered with their reason and field, and every other transaction scores
+/// exactly as it does without them.
+#[test]
+fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = simulate(dir.path(), "cards.jsonl", &["--days", "2", "--cards", "40"]);
+    let lines: Vec<String> = std::fs::read_to_string(&clean)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let first: Value = serde_json::from_str(&lines[0]).unwrap();
+    let poison = |id: &str, field: &str, value: Value| {
+        let mut v = first.clone();
+        v["transaction_id"] = json!(id);
+        v[field] = value;
+        v.to_string()
+    };
+    let mut poisoned = lines.clone();
+    poisoned.insert(5, poison("p-future", "ts", json!(32_503_680_000_i64)));
+    poisoned.insert(9, poison("p-past", "ts", json!(-5)));
+    poisoned.insert(12, poison("p-long", "card_id", json!("c".repeat(300))));
+    let path = dir.path().join("poisoned.jsonl");
+    std::fs::write(&path, poisoned.join("\n")).unwrap();
+    let (clean_dir, poisoned_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&clean_dir).unwrap();
+    std::fs::create_dir_all(&poisoned_dir).unwrap();
+    let (_, clean_scores, _, _) = serve(&clean, &clean_dir, &[]);
+    let (_, scores, dead, _) = serve(&path, &poisoned_dir, &[]);
+    let reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|d| (text(&d["reason"]), text(&d["field"])))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("ts_out_of_range".to_string(), "ts".to_string()),
+            ("ts_out_of_range".into(), "ts".into()),
+            ("too_long".into(), "card_id".into())
+        ]
+    );
+    let by_id = |records: &[Value]| -> HashMap<String, String> {
+        records
+            .iter()
+            .map(|r| (text(&r["transaction_id"]), r["score"].to_string()))
+            .collect()
+    };
+    assert_eq!(by_id(&scores), by_id(&clean_scores));
 }

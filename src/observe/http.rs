@@ -64,18 +64,57 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .with_state(d)
 }
 
+/// At most this many connections at once: Prometheus, a few dashboards and probes need a
+/// handful; a client opening more (or a slowloris) cannot exhaust the process's descriptors.
+/// Connections above the limit are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// A client must send a request's headers within this time (an idle keep-alive connection is
+/// closed after it too): long enough for any real client, short enough that half-open
+/// connections do not pile up.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A connection lives at most this long, whatever it does (a dashboard reconnects).
+pub const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Binds `addr` and serves until the runtime stops (sampling the dashboard's series meanwhile);
-/// returns the bound address (port 0 picks one).
+/// returns the bound address (port 0 picks one). Connections are limited in number
+/// ([`MAX_CONNECTIONS`]), header time ([`HEADER_READ_TIMEOUT`]) and age ([`MAX_CONNECTION_AGE`]).
 pub async fn spawn_server(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let d = Arc::new(Dashboard::new(m));
     spawn_sampler(d.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(d)).await {
-            tracing::error!("http server: {e}");
-        }
-    });
+    tokio::spawn(serve(listener, router(d)));
     tracing::info!(%bound, "serving the dashboard (/), /metrics, /healthz, /readyz");
     Ok(bound)
+}
+
+/// The accept loop: one task per connection, each holding a permit of the connection limit.
+async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: wait a little rather than spin.
+                tracing::warn!("http accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("http: {MAX_CONNECTIONS} connections open, closing a new one");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(MAX_CONNECTION_AGE, connection).await;
+            drop(permit);
+        });
+    }
 }

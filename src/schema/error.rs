@@ -54,6 +54,26 @@ pub enum SchemaError {
         /// The field's name in the spec.
         field: String,
     },
+    /// A key or id is longer than [`MAX_KEY_BYTES`]: it would make one card's state (its id
+    /// and its window's 30 transaction ids) unbounded.
+    #[error("field `{field}`: {bytes} bytes, longer than the {max} allowed")]
+    TooLong {
+        /// The field's name in the spec.
+        field: String,
+        /// Its length in bytes.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A time outside [`MIN_TIMESTAMP`, `MAX_TIMESTAMP`] (before 1970 or after 2200): not a
+    /// transaction's time, and it would freeze or shift its card's clock.
+    #[error("field `{field}`: time out of range (1970 to 2200): {value:?}")]
+    TimeOutOfRange {
+        /// The field's name in the spec.
+        field: String,
+        /// The offending value.
+        value: String,
+    },
     /// The label field is not one of 0, 1, true, false.
     #[error("field `{field}`: not a fraud label (expected 0, 1, true or false): {value:?}")]
     BadLabel {
@@ -66,13 +86,15 @@ pub enum SchemaError {
 
 impl SchemaError {
     /// Every [`SchemaError::reason`], for documentation and the metric's label values.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 9] = [
         "missing",
         "not_a_number",
         "non_finite",
         "wrong_type",
         "bad_timestamp",
         "empty_key",
+        "too_long",
+        "ts_out_of_range",
         "bad_label",
     ];
 
@@ -85,6 +107,8 @@ impl SchemaError {
             | SchemaError::WrongType { field, .. }
             | SchemaError::BadTimestamp { field, .. }
             | SchemaError::EmptyKey { field }
+            | SchemaError::TooLong { field, .. }
+            | SchemaError::TimeOutOfRange { field, .. }
             | SchemaError::BadLabel { field, .. } => field,
         }
     }
@@ -98,10 +122,23 @@ impl SchemaError {
             SchemaError::WrongType { .. } => "wrong_type",
             SchemaError::BadTimestamp { .. } => "bad_timestamp",
             SchemaError::EmptyKey { .. } => "empty_key",
+            SchemaError::TooLong { .. } => "too_long",
+            SchemaError::TimeOutOfRange { .. } => "ts_out_of_range",
             SchemaError::BadLabel { .. } => "bad_label",
         }
     }
 }
+
+/// The longest key or id accepted (card, transaction, context keys), in bytes: far above any
+/// real identifier, and it bounds one card's state (its key and 30 ids) to a few kilobytes.
+pub const MAX_KEY_BYTES: usize = 256;
+
+/// Earliest event time accepted (1970-01-01, seconds).
+pub const MIN_TIMESTAMP: f64 = 0.0;
+
+/// Latest event time accepted (2200-01-01, seconds): anything later is a broken clock or a
+/// unit mistake, and would freeze its card's time-gap feature for as long as the card lives.
+pub const MAX_TIMESTAMP: f64 = 7_258_118_400.0;
 
 /// Cuts a value quoted in an error to a bounded length, so a huge bad field cannot bloat logs.
 pub(crate) fn clip(s: &str) -> String {
@@ -143,6 +180,15 @@ mod tests {
                 value: f(),
             },
             SchemaError::EmptyKey { field: f() },
+            SchemaError::TooLong {
+                field: f(),
+                bytes: 300,
+                max: 256,
+            },
+            SchemaError::TimeOutOfRange {
+                field: f(),
+                value: f(),
+            },
             SchemaError::BadLabel {
                 field: f(),
                 value: f(),

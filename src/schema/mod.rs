@@ -9,7 +9,7 @@ mod spec;
 mod transaction;
 
 pub use derived::{Derived, Span, StateScope};
-pub use error::SchemaError;
+pub use error::{MAX_KEY_BYTES, MAX_TIMESTAMP, MIN_TIMESTAMP, SchemaError};
 pub use label::{Confusion, Label, LabelContext, LabelError, LabelEvent, LabelOutcome, f1};
 pub use reader::{BadRow, Format, Loaded, RawRow, ReadError, RecordReader, RowError, load};
 pub use record::{CsvHeader, CsvRow, Field, Record};

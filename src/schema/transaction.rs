@@ -3,7 +3,7 @@
 use chrono::{DateTime, NaiveDateTime};
 use serde::{Deserialize, Serialize};
 
-use super::error::{SchemaError, clip};
+use super::error::{MAX_KEY_BYTES, MAX_TIMESTAMP, MIN_TIMESTAMP, SchemaError, clip};
 use super::label::{Label, LabelContext, LabelError};
 use super::record::{Field, Record};
 use super::spec::{FeatureSpec, TimeFormat};
@@ -65,8 +65,18 @@ impl FeatureSpec {
         let context = self
             .context
             .iter()
-            .map(|f| context_value(rec.field(f)).unwrap_or_default())
-            .collect();
+            .map(|f| {
+                let v = context_value(rec.field(f)).unwrap_or_default();
+                if v.len() > MAX_KEY_BYTES {
+                    return Err(SchemaError::TooLong {
+                        field: f.clone(),
+                        bytes: v.len(),
+                        max: MAX_KEY_BYTES,
+                    });
+                }
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Transaction {
             key,
             ts,
@@ -177,6 +187,11 @@ pub(crate) fn parse_key(field: &str, v: Field<'_>) -> Result<String, SchemaError
     match v {
         Field::Missing | Field::Null => Err(SchemaError::Missing { field: f() }),
         Field::Str(s) if s.trim().is_empty() => Err(SchemaError::EmptyKey { field: f() }),
+        Field::Str(s) if s.trim().len() > MAX_KEY_BYTES => Err(SchemaError::TooLong {
+            field: f(),
+            bytes: s.trim().len(),
+            max: MAX_KEY_BYTES,
+        }),
         Field::Str(s) => Ok(s.trim().to_string()),
         Field::Num(n) if n.is_finite() => Ok(format_number(n)),
         other => Err(SchemaError::WrongType {
@@ -250,10 +265,15 @@ pub(crate) fn parse_time(
             });
         }
     };
-    if secs.is_finite() {
-        Ok(secs)
-    } else {
+    if !secs.is_finite() {
         Err(bad(&secs.to_string()))
+    } else if !(MIN_TIMESTAMP..=MAX_TIMESTAMP).contains(&secs) {
+        Err(SchemaError::TimeOutOfRange {
+            field: field.to_string(),
+            value: clip(&show(v)),
+        })
+    } else {
+        Ok(secs)
     }
 }
 
@@ -398,6 +418,29 @@ mod tests {
             r.insert("is_fraud".into(), json!(2));
         });
         assert_eq!(e.reason(), "bad_label");
+
+        // Keys and ids are bounded: one card's state cannot grow with them.
+        for field in ["card_id", "transaction_id", "terminal_id"] {
+            let e = err_for(|r| {
+                r.insert(field.into(), json!("k".repeat(MAX_KEY_BYTES + 1)));
+            });
+            assert_eq!(
+                e,
+                SchemaError::TooLong {
+                    field: field.into(),
+                    bytes: MAX_KEY_BYTES + 1,
+                    max: MAX_KEY_BYTES
+                }
+            );
+        }
+        // Times a transaction cannot have: the year 3000, 1e20, before 1970.
+        for ts in [json!(32_503_680_000_i64), json!(1e20), json!(-5)] {
+            let e = err_for(|r| {
+                r.insert("ts".into(), ts.clone());
+            });
+            assert_eq!(e.reason(), "ts_out_of_range", "{ts}");
+            assert_eq!(e.field(), "ts");
+        }
     }
 
     #[test]

@@ -99,131 +99,68 @@ pub trait Sink: Send + 'static {
 }
 
 /// Runs the pipeline until the source ends or `shutdown` resolves; then everything read is
-/// scored, published and acknowledged before it returns. `progress` sees the run's numbers
-/// every [`PROGRESS_EVERY`].
+/// scored, published and acknowledged before it returns (after a shutdown signal, for at most
+/// `batch.drain_timeout`). `progress` sees the run's numbers every [`PROGRESS_EVERY`].
 pub async fn run<S: Source, K: Sink>(
     detector: Arc<Detector>,
     mut source: S,
-    mut sink: K,
+    sink: K,
     batch: BatchSettings,
     shutdown: impl Future<Output = ()>,
     mut progress: impl FnMut(&RunStats),
 ) -> Result<RunStats, StreamError> {
     let run = Arc::new(Run::new(detector.metrics().clone()));
     let (in_tx, in_rx) = mpsc::channel(batch.queue);
-    let (out_tx, mut out_rx) = mpsc::channel::<Outcome>(batch.queue);
+    let (out_tx, out_rx) = mpsc::channel::<Outcome>(batch.queue);
     let (ack_tx, ack_rx) = mpsc::channel::<Delivery>(batch.queue);
     let scorer = Scorer {
         model: detector.model(),
         threshold: detector.threshold(),
         explainer: detector.explainer(),
     };
-    let scorer = tokio::spawn(batcher::score_loop(
-        scorer,
-        detector.metrics().clone(),
-        batch,
-        in_rx,
-        out_tx,
-    ));
+    let assignment = source.assignment();
     let evictor = spawn_evictor(detector.clone());
-    let (offsets, assignment) = (source.offsets(), source.assignment());
-    let acker = {
-        let (run, assignment) = (run.clone(), assignment.clone());
-        let metrics = detector.metrics().clone();
-        tokio::spawn(async move {
-            acks::acknowledge(
-                ack_rx,
-                &*offsets,
-                &assignment,
-                |ts, at| run.decided(latency(ts, at)),
-                |origin, error| Event::DeliveryFailed { origin, error }.emit(&metrics),
-            )
-            .await
-        })
+    let tasks = Tasks {
+        scorer: tokio::spawn(batcher::score_loop(
+            scorer,
+            detector.metrics().clone(),
+            batch,
+            in_rx,
+            out_tx,
+        )),
+        publisher: tokio::spawn(publish_loop(
+            detector.clone(),
+            assignment.clone(),
+            sink,
+            out_rx,
+            ack_tx,
+        )),
+        acker: spawn_acker(
+            &detector,
+            &run,
+            source.offsets(),
+            assignment.clone(),
+            ack_rx,
+        ),
     };
-    let publisher = {
-        let (detector, assignment) = (detector.clone(), assignment.clone());
-        tokio::spawn(async move {
-            let scores = sink.wants_scores();
-            while let Some(outcome) = out_rx.recv().await {
-                if !assignment.begin(&outcome.origin) {
-                    Event::Dropped(&outcome.origin).emit(detector.metrics());
-                    continue;
-                }
-                let settled = settle(&detector, outcome, scores);
-                let acks = match sink.publish(&settled) {
-                    Ok(acks) => acks,
-                    Err(e) => {
-                        assignment.stored(&settled.origin);
-                        return Err(e);
-                    }
-                };
-                let delivery = Delivery {
-                    origin: settled.origin,
-                    acks,
-                    timing: settled.timing,
-                };
-                if ack_tx.send(delivery).await.is_err() {
-                    break;
-                }
-                if out_rx.is_empty() {
-                    sink.idle()?;
-                }
-            }
-            sink.flush().await
-        })
-    };
-    tokio::pin!(shutdown);
-    let mut tick = tokio::time::interval(PROGRESS_EVERY);
-    let mut read = 0u64;
-    let mut signalled = false;
-    loop {
-        tokio::select! {
-            () = &mut shutdown => { signalled = true; break }
-            _ = tick.tick() => progress(&run.stats()),
-            env = source.next() => match env {
-                // A full queue makes this wait: reading pauses until the scorer catches up (or
-                // a shutdown: the message is then not handled, and read again after a restart).
-                Some(env) => {
-                    let ingested = detector.ingest(&env);
-                    tokio::select! {
-                        sent = in_tx.send(ingested) => if sent.is_err() { break },
-                        () = &mut shutdown => { signalled = true; break }
-                    }
-                    read += 1;
-                }
-                None => break,
-            },
-        }
-    }
-    drop(in_tx);
-    let tasks = [
-        scorer.abort_handle(),
-        publisher.abort_handle(),
-        acker.abort_handle(),
-    ];
-    let drain = async {
-        scorer.await?;
-        let published = publisher.await?;
-        acker.await?;
-        Ok::<_, StreamError>(published)
-    };
+    let (read, signalled) = read_until_stopped(&detector, &mut source, in_tx, shutdown, || {
+        progress(&run.stats())
+    })
+    .await;
     let deadline = tokio::time::Instant::now() + batch.drain_timeout;
     let published = if signalled {
         tracing::info!(
             timeout_s = batch.drain_timeout.as_secs_f64(),
             "draining: scoring, publishing and acknowledging what was read"
         );
-        match tokio::time::timeout_at(deadline, drain).await {
+        let aborts = tasks.abort_handles();
+        match tokio::time::timeout_at(deadline, tasks.join()).await {
             Ok(published) => published?,
             Err(_) => {
-                for task in tasks {
-                    task.abort();
-                }
+                aborts.iter().for_each(tokio::task::AbortHandle::abort);
                 evictor.abort();
-                let acknowledged =
-                    assignment.acknowledged() + detector.metrics().revoked_drops.get();
-                let abandoned = read.saturating_sub(acknowledged);
+                let handled = assignment.acknowledged() + detector.metrics().revoked_drops.get();
+                let abandoned = read.saturating_sub(handled);
                 tracing::error!(
                     abandoned,
                     "shutdown timed out: giving up on what is not acknowledged"
@@ -239,7 +176,7 @@ pub async fn run<S: Source, K: Sink>(
             }
         }
     } else {
-        drain.await?
+        tasks.join().await?
     };
     evictor.abort();
     // Counted before the source closes: closing gives the partitions back, which forgets cards.
@@ -263,4 +200,124 @@ pub async fn run<S: Source, K: Sink>(
     published?;
     progress(&stats);
     Ok(stats)
+}
+
+/// The pipeline's stages after reading, each a task.
+struct Tasks {
+    scorer: tokio::task::JoinHandle<()>,
+    publisher: tokio::task::JoinHandle<Result<(), StreamError>>,
+    acker: tokio::task::JoinHandle<()>,
+}
+
+impl Tasks {
+    fn abort_handles(&self) -> [tokio::task::AbortHandle; 3] {
+        [
+            self.scorer.abort_handle(),
+            self.publisher.abort_handle(),
+            self.acker.abort_handle(),
+        ]
+    }
+
+    /// Waits until every stage has finished what it was given; the publisher's result (a sink
+    /// that failed) is the inner one.
+    async fn join(self) -> Result<Result<(), StreamError>, StreamError> {
+        self.scorer.await?;
+        let published = self.publisher.await?;
+        self.acker.await?;
+        Ok(published)
+    }
+}
+
+/// Step 1, read: envelopes from the source, ingested (parsed, validated, windowed) and queued
+/// for scoring until the source ends or `shutdown` resolves. Returns how many were queued and
+/// whether a shutdown signal stopped it. A full queue makes reading wait (back-pressure); a
+/// message read but not queued when the signal came is not handled (read again after a
+/// restart).
+async fn read_until_stopped<S: Source>(
+    detector: &Detector,
+    source: &mut S,
+    in_tx: mpsc::Sender<Ingested>,
+    shutdown: impl Future<Output = ()>,
+    mut progress: impl FnMut(),
+) -> (u64, bool) {
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut read = 0u64;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return (read, true),
+            _ = tick.tick() => progress(),
+            env = source.next() => match env {
+                Some(env) => {
+                    let ingested = detector.ingest(&env);
+                    tokio::select! {
+                        sent = in_tx.send(ingested) => if sent.is_err() { return (read, false) },
+                        () = &mut shutdown => return (read, true),
+                    }
+                    read += 1;
+                }
+                None => return (read, false),
+            },
+        }
+    }
+}
+
+/// Step 4 and 5, settle and publish: each scored outcome of a partition still held is settled
+/// and handed to the sink, its acknowledgements queued for the acknowledger in order.
+async fn publish_loop<K: Sink>(
+    detector: Arc<Detector>,
+    assignment: Arc<Assignment>,
+    mut sink: K,
+    mut out_rx: mpsc::Receiver<Outcome>,
+    ack_tx: mpsc::Sender<Delivery>,
+) -> Result<(), StreamError> {
+    let scores = sink.wants_scores();
+    while let Some(outcome) = out_rx.recv().await {
+        if !assignment.begin(&outcome.origin) {
+            Event::Dropped(&outcome.origin).emit(detector.metrics());
+            continue;
+        }
+        let settled = settle(&detector, outcome, scores);
+        let acks = match sink.publish(&settled) {
+            Ok(acks) => acks,
+            Err(e) => {
+                assignment.stored(&settled.origin);
+                return Err(e);
+            }
+        };
+        let delivery = Delivery {
+            origin: settled.origin,
+            acks,
+            timing: settled.timing,
+        };
+        if ack_tx.send(delivery).await.is_err() {
+            break;
+        }
+        if out_rx.is_empty() {
+            sink.idle()?;
+        }
+    }
+    sink.flush().await
+}
+
+/// Step 6, acknowledge: offsets stored in order once outputs are durable; latency recorded at
+/// the acknowledgement, failed deliveries logged and counted.
+fn spawn_acker(
+    detector: &Detector,
+    run: &Arc<Run>,
+    offsets: Arc<dyn OffsetStore>,
+    assignment: Arc<Assignment>,
+    ack_rx: mpsc::Receiver<Delivery>,
+) -> tokio::task::JoinHandle<()> {
+    let (run, metrics) = (run.clone(), detector.metrics().clone());
+    tokio::spawn(async move {
+        acks::acknowledge(
+            ack_rx,
+            &*offsets,
+            &assignment,
+            |ts, at| run.decided(latency(ts, at)),
+            |origin, error| Event::DeliveryFailed { origin, error }.emit(&metrics),
+        )
+        .await
+    })
 }
