@@ -285,6 +285,27 @@ mod tests {
         assert_eq!(h.last_ts, Some(t1 + 60.0));
     }
 
+    /// The out-of-order rule: a late record is accepted with a time gap of 0, and the card's
+    /// clock never moves backwards, so the records after it see gaps from the latest time.
+    #[test]
+    fn a_late_record_does_not_move_the_card_clock_back() {
+        let spec = FeatureSpec::cards();
+        let f = Featurizer::new(spec.clone());
+        let tables = LabelTables::new(&spec);
+        let mut h = CardHistory::default();
+        let mut out = vec![0.0; f.width()];
+        let t0 = 1_522_540_800.0;
+        f.raw(&mut h, &tables, &tx(t0, 10.0), &mut out);
+        f.raw(&mut h, &tables, &tx(t0 - 86_400.0, 10.0), &mut out);
+        assert_eq!(out[1], 0.0, "a late record's gap is 0, not negative");
+        assert_eq!(h.last_ts, Some(t0), "the clock stays at the latest time");
+        f.raw(&mut h, &tables, &tx(t0 + 60.0, 10.0), &mut out);
+        assert!(
+            (out[1] - 61f64.ln()).abs() < 1e-9,
+            "gap from t0, not from the late one"
+        );
+    }
+
     #[test]
     fn terminal_fraud_rates_come_from_known_labels() {
         let spec = FeatureSpec::cards();
