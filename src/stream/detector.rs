@@ -7,6 +7,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::explain::{Explainer, Reason};
+use super::ids::RecentIds;
 use super::records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, now_rfc3339,
     time_rfc3339,
@@ -127,6 +128,8 @@ pub struct Detector {
     settings: DetectorSettings,
     metrics: Arc<Metrics>,
     quality: LiveQuality,
+    /// Which card each recent transaction id belonged to.
+    recent_ids: RecentIds,
 }
 
 impl Detector {
@@ -154,6 +157,7 @@ impl Detector {
             settings,
             metrics,
             quality: LiveQuality::new(settings.quality, &m.version),
+            recent_ids: RecentIds::default(),
         }
     }
 
@@ -271,6 +275,13 @@ impl Detector {
             Ok(tx) => tx,
             Err(e) => return dead(e.reason(), Some(e.field()), e.to_string()),
         };
+        if let (Some(id), Some(field)) = (&tx.id, &self.spec.id)
+            && !self.recent_ids.claim(id, &tx.key)
+        {
+            // Ids are at most MAX_KEY_BYTES long: quoting one keeps the error short.
+            let error = format!("field `{field}`: transaction id {id:?} belongs to another card");
+            return dead("duplicate_id", Some(field), error);
+        }
         match self.store.observe_with_ids(&tx, env.partition) {
             None => Ingest::Duplicate,
             Some((w, ids)) => Ingest::Window(Box::new(Pending {

@@ -15,6 +15,7 @@ pub mod batcher;
 mod detector;
 pub mod explain;
 pub mod file;
+mod ids;
 pub mod kafka;
 mod records;
 pub mod scorer;
@@ -34,6 +35,7 @@ pub use detector::{
     DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector,
     DetectorSettings, Ingest, Ingested, Pending, TOP_ATTENTION, spawn_evictor,
 };
+pub use ids::{DEDUPE_HORIZON, RecentIds};
 pub use records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, TRANSPORT_REASONS,
     dead_letter_reasons,

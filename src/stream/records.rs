@@ -117,9 +117,11 @@ pub struct ScoreRecord {
     pub source: Origin,
 }
 
-/// Reasons the detector itself gives, before the spec sees a field: the message is larger than
-/// `--max-message-bytes`, is not JSON, or is JSON but not an object.
-pub const TRANSPORT_REASONS: [&str; 3] = ["oversized", "invalid_json", "not_an_object"];
+/// Reasons the detector itself gives, besides the spec's: the message is larger than
+/// `--max-message-bytes`, is not JSON, or is JSON but not an object (before the spec sees a
+/// field), or its transaction id belonged to another card recently.
+pub const TRANSPORT_REASONS: [&str; 4] =
+    ["oversized", "invalid_json", "not_an_object", "duplicate_id"];
 
 /// Every `reason` a dead letter (and `fraudstream_dead_letters_total`) can carry.
 pub fn dead_letter_reasons() -> Vec<&'static str> {
