@@ -487,7 +487,7 @@ fn stdin_mode_stops_on_sigterm_while_stdin_stays_open() {
 }
 
 /// Records that would poison a card (a time in the year 3000 or before 1970, a 300-byte card
-/// id) or the scores topic (an id already used by another card) are dead-lettered with their
+/// id, an amount of 1e308) or the scores topic (an id already used by another card) are dead-lettered with their
 /// reason and field, and every other transaction scores exactly as it does without them.
 #[test]
 fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
@@ -509,6 +509,7 @@ fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
     poisoned.insert(5, poison("p-future", "ts", json!(32_503_680_000_i64)));
     poisoned.insert(9, poison("p-past", "ts", json!(-5)));
     poisoned.insert(12, poison("p-long", "card_id", json!("c".repeat(300))));
+    poisoned.insert(14, poison("p-huge", "amount", json!(1e308)));
     // The first transaction's id again, on another card: dead-lettered, not scored twice.
     let mut stolen = first.clone();
     stolen["card_id"] = json!("another-card");
@@ -530,6 +531,7 @@ fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
             ("ts_out_of_range".to_string(), "ts".to_string()),
             ("ts_out_of_range".into(), "ts".into()),
             ("too_long".into(), "card_id".into()),
+            ("out_of_range".into(), "amount".into()),
             ("duplicate_id".into(), "transaction_id".into())
         ]
     );

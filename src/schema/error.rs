@@ -54,6 +54,20 @@ pub enum SchemaError {
         /// The field's name in the spec.
         field: String,
     },
+    /// A numeric field outside the spec's `bounds` for it.
+    #[error("field `{field}`: {value} is outside the accepted range [{}, {}]",
+        min.map_or("-inf".to_string(), |m| m.to_string()),
+        max.map_or("inf".to_string(), |m| m.to_string()))]
+    OutOfRange {
+        /// The field's name in the spec.
+        field: String,
+        /// The value.
+        value: f64,
+        /// The smallest accepted value, if bounded below.
+        min: Option<f64>,
+        /// The largest accepted value, if bounded above.
+        max: Option<f64>,
+    },
     /// A key or id is longer than [`MAX_KEY_BYTES`]: it would make one card's state (its id
     /// and its window's 30 transaction ids) unbounded.
     #[error("field `{field}`: {bytes} bytes, longer than the {max} allowed")]
@@ -86,10 +100,11 @@ pub enum SchemaError {
 
 impl SchemaError {
     /// Every [`SchemaError::reason`], for documentation and the metric's label values.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 10] = [
         "missing",
         "not_a_number",
         "non_finite",
+        "out_of_range",
         "wrong_type",
         "bad_timestamp",
         "empty_key",
@@ -104,6 +119,7 @@ impl SchemaError {
             SchemaError::Missing { field }
             | SchemaError::NotANumber { field, .. }
             | SchemaError::NonFinite { field, .. }
+            | SchemaError::OutOfRange { field, .. }
             | SchemaError::WrongType { field, .. }
             | SchemaError::BadTimestamp { field, .. }
             | SchemaError::EmptyKey { field }
@@ -119,6 +135,7 @@ impl SchemaError {
             SchemaError::Missing { .. } => "missing",
             SchemaError::NotANumber { .. } => "not_a_number",
             SchemaError::NonFinite { .. } => "non_finite",
+            SchemaError::OutOfRange { .. } => "out_of_range",
             SchemaError::WrongType { .. } => "wrong_type",
             SchemaError::BadTimestamp { .. } => "bad_timestamp",
             SchemaError::EmptyKey { .. } => "empty_key",
@@ -169,6 +186,12 @@ mod tests {
             SchemaError::NonFinite {
                 field: f(),
                 value: f(),
+            },
+            SchemaError::OutOfRange {
+                field: f(),
+                value: -1.0,
+                min: Some(0.0),
+                max: None,
             },
             SchemaError::WrongType {
                 field: f(),

@@ -3,6 +3,7 @@
 //! A spec is data (serde), so a bundle can carry it and a user can write one in TOML. The
 //! presets `ulb` and `cards` cover the public ULB data set and the simulator's layout.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -59,7 +60,35 @@ pub struct FeatureSpec {
     /// the keys label-rate features are kept by, and context for alerts.
     #[serde(default)]
     pub context: Vec<String>,
+    /// Accepted ranges of `numeric` fields: a value outside is dead-lettered (`out_of_range`)
+    /// instead of reaching the scaler and the model (an amount of 1e308 would score as fraud,
+    /// a negative one is a bug upstream).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bounds: BTreeMap<String, Bounds>,
 }
+
+/// The accepted range of one numeric field (either end optional, both inclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    /// Smallest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// Largest accepted value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+impl Bounds {
+    /// Whether `x` is within the range.
+    pub fn contains(&self, x: f64) -> bool {
+        self.min.is_none_or(|m| x >= m) && self.max.is_none_or(|m| x <= m)
+    }
+}
+
+/// The `cards` preset's largest accepted amount: far above any card payment in the simulation
+/// (amounts there stay below a few thousand), low enough that an absurd value is caught.
+pub const AMOUNT_CEILING: f64 = 1_000_000.0;
 
 /// Why a spec itself (not a record) is unusable.
 #[derive(Debug, Error)]
@@ -107,6 +136,7 @@ impl FeatureSpec {
             numeric,
             derived: vec![],
             context: vec![],
+            bounds: BTreeMap::new(),
         }
     }
 
@@ -156,6 +186,13 @@ impl FeatureSpec {
             numeric: vec!["amount".into()],
             derived,
             context: vec![terminal],
+            bounds: BTreeMap::from([(
+                "amount".to_string(),
+                Bounds {
+                    min: Some(0.0),
+                    max: Some(AMOUNT_CEILING),
+                },
+            )]),
         }
     }
 
@@ -208,6 +245,20 @@ impl FeatureSpec {
         }
         if self.time.is_empty() {
             return Err(invalid("`time` names no field".into()));
+        }
+        for (field, b) in &self.bounds {
+            if !self.numeric.contains(field) {
+                return Err(invalid(format!(
+                    "bounds for `{field}`, which is not in `numeric`"
+                )));
+            }
+            if let (Some(lo), Some(hi)) = (b.min, b.max)
+                && lo > hi
+            {
+                return Err(invalid(format!(
+                    "bounds for `{field}`: min {lo} > max {hi}"
+                )));
+            }
         }
         Ok(())
     }

@@ -60,7 +60,18 @@ impl FeatureSpec {
         let numeric = self
             .numeric
             .iter()
-            .map(|f| parse_number(f, rec.field(f)))
+            .map(|f| {
+                let x = parse_number(f, rec.field(f))?;
+                match self.bounds.get(f) {
+                    Some(b) if !b.contains(x) => Err(SchemaError::OutOfRange {
+                        field: f.clone(),
+                        value: x,
+                        min: b.min,
+                        max: b.max,
+                    }),
+                    _ => Ok(x),
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let context = self
             .context
@@ -432,6 +443,14 @@ mod tests {
                     max: MAX_KEY_BYTES
                 }
             );
+        }
+        // The cards preset bounds the amount: no negative, nothing absurd.
+        for amount in [json!(-0.01), json!(1e308), json!("2000000")] {
+            let e = err_for(|r| {
+                r.insert("amount".into(), amount.clone());
+            });
+            assert_eq!(e.reason(), "out_of_range", "{amount}");
+            assert_eq!(e.field(), "amount");
         }
         // Times a transaction cannot have: the year 3000, 1e20, before 1970.
         for ts in [json!(32_503_680_000_i64), json!(1e20), json!(-5)] {
