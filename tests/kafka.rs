@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::broker::{brokers, unique};
 use common::detector::{
-    Serve, TopicReader, create_topics, http_get, metric, produce_raw, read_all, read_topic,
+    Serve, TopicReader, Topics, create_topics, http_get, metric, produce_raw, read_all, read_topic,
 };
 use common::{fraudstream, simulate};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -53,38 +53,28 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
         &["--days", "12", "--cards", "300"],
     );
     let ids = ids_of(&file);
-    let (input, alerts, scores, dlq) = (
-        unique("tx"),
-        unique("alerts"),
-        unique("scores"),
-        unique("dlq"),
-    );
-    create_topics(&[&input], 3);
-    create_topics(&[&alerts, &scores, &dlq], 1);
+    let topics = Topics::new();
+    let Topics {
+        input,
+        alerts,
+        scores,
+        dlq,
+    } = &topics;
+    create_topics(&[input], 3);
+    create_topics(&[alerts, scores, dlq], 1);
     // Bad records first: everything after them must still be scored.
     produce_raw(
-        &input,
+        input,
         "17",
         &[
             b"{not json",
             b"{\"transaction_id\":\"b\",\"ts\":1522540900,\"card_id\":\"17\",\"amount\":\"lots\"}",
         ],
     );
-    replay(&file, &input);
+    replay(&file, input);
     let group = unique("group");
-    let serve = Serve::start(&[
-        "--group",
-        &group,
-        "--input-topic",
-        &input,
-        "--alerts-topic",
-        &alerts,
-        "--scores-topic",
-        &scores,
-        "--dead-letter-topic",
-        &dlq,
-    ]);
-    read_topic(&scores, ids.len(), Duration::from_secs(90));
+    let serve = Serve::start_for(&topics, &group, &[]);
+    read_topic(scores, ids.len(), Duration::from_secs(90));
     // Every decision acknowledged (its latency ends there).
     let done = format!("fraudstream_end_to_end_latency_seconds_count {}", ids.len());
     serve.wait_metrics(Duration::from_secs(30), &done, |t| t.contains(&done));
@@ -128,8 +118,8 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("offsets"), "{log}");
     // Read to the end only now: a duplicate published late would still be counted.
-    let scored = read_all(&scores);
-    let dead = read_all(&dlq);
+    let scored = read_all(scores);
+    let dead = read_all(dlq);
 
     // Every transaction scored exactly once.
     let scored_ids: Vec<String> = scored
@@ -151,7 +141,7 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
 
     // Alerts: one per alerting score, documented shape.
     let n_alerting = scored.iter().filter(|(_, _, v)| v["alert"] == true).count();
-    let alert_msgs = read_topic(&alerts, n_alerting, Duration::from_secs(10));
+    let alert_msgs = read_topic(alerts, n_alerting, Duration::from_secs(10));
     assert_eq!(alert_msgs.len(), n_alerting);
     assert_eq!(alerts_metric as usize, n_alerting);
     assert!(n_alerting > 0);
@@ -179,13 +169,13 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
         .unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..3 {
-        tpl.add_partition(&input, p);
+        tpl.add_partition(input, p);
     }
     let committed = consumer
         .committed_offsets(tpl, Duration::from_secs(10))
         .unwrap();
     for (p, last) in last {
-        let c = committed.find_partition(&input, p as i32).unwrap().offset();
+        let c = committed.find_partition(input, p as i32).unwrap().offset();
         assert_eq!(c, Offset::Offset(last + 1), "partition {p}");
     }
 
@@ -484,40 +474,24 @@ fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
     );
     std::fs::write(&first, lines[..half].join("\n")).unwrap();
     std::fs::write(&second, lines[half..].join("\n")).unwrap();
-    let (input, alerts, scores, dlq) = (
-        unique("tx"),
-        unique("alerts"),
-        unique("scores"),
-        unique("dlq"),
-    );
-    create_topics(&[&input, &alerts, &scores, &dlq], 1);
-    replay(&first, &input);
+    let topics = Topics::new();
+    let Topics {
+        input,
+        alerts,
+        scores,
+        dlq,
+    } = &topics;
+    create_topics(&[input, alerts, scores, dlq], 1);
+    replay(&first, input);
     let bad = format!(
         "{{\"transaction_id\":\"big\",\"ts\":1522540900,\"card_id\":\"7\",\"amount\":\"lots\",\"note\":\"{}\"}}",
         "x".repeat(3_000)
     );
-    produce_raw(&input, "7", &[bad.as_bytes()]);
-    replay(&second, &input);
+    produce_raw(input, "7", &[bad.as_bytes()]);
+    replay(&second, input);
     let group = unique("group");
-    let args = |limit: &'static str| {
-        vec![
-            "--group".to_string(),
-            group.clone(),
-            "--input-topic".into(),
-            input.clone(),
-            "--alerts-topic".into(),
-            alerts.clone(),
-            "--scores-topic".into(),
-            scores.clone(),
-            "--dead-letter-topic".into(),
-            dlq.clone(),
-            "--kafka".into(),
-            format!("message.max.bytes={limit}"),
-        ]
-    };
-    let first_args = args("2000");
-    let serve = Serve::start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
-    read_topic(&scores, lines.len(), Duration::from_secs(60));
+    let serve = Serve::start_for(&topics, &group, &["--kafka", "message.max.bytes=2000"]);
+    read_topic(scores, lines.len(), Duration::from_secs(60));
     let text = serve.wait_metrics(Duration::from_secs(30), "the dead letter counted", |t| {
         t.contains("fraudstream_dead_letters_total{reason=\"not_a_number\"} 1")
     });
@@ -534,23 +508,22 @@ fn a_failed_delivery_keeps_its_offset_uncommitted_until_delivered() {
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("delivery failed"), "{log}");
     assert!(
-        read_all(&dlq).is_empty(),
+        read_all(dlq).is_empty(),
         "the dead letter was too large to deliver"
     );
-    let committed = |group: &str| committed(group, &input);
+    let committed = |group: &str| committed(group, input);
     assert_eq!(
         committed(&group),
         Offset::Offset(half as i64),
         "committed up to the undelivered record, not past it"
     );
     // Restarted with a large enough limit, the detector starts at that record again.
-    let second_args = args("1000000");
-    let again = Serve::start(&second_args.iter().map(String::as_str).collect::<Vec<_>>());
-    let letters = read_topic(&dlq, 1, Duration::from_secs(60));
+    let again = Serve::start_for(&topics, &group, &["--kafka", "message.max.bytes=1000000"]);
+    let letters = read_topic(dlq, 1, Duration::from_secs(60));
     assert_eq!(letters[0].2["reason"], "not_a_number");
     assert_eq!(letters[0].2["offset"], half as i64);
     read_topic(
-        &scores,
+        scores,
         lines.len() + (lines.len() - half),
         Duration::from_secs(60),
     );
@@ -569,35 +542,25 @@ fn huge_records_are_dead_lettered_with_their_size_and_hash_and_committed() {
     let dir = tempfile::tempdir().unwrap();
     let file = simulate(dir.path(), "cards.jsonl", &["--days", "2", "--cards", "40"]);
     let valid = std::fs::read_to_string(&file).unwrap().lines().count();
-    let (input, alerts, scores, dlq) = (
-        unique("tx"),
-        unique("alerts"),
-        unique("scores"),
-        unique("dlq"),
-    );
-    create_topics(&[&input, &alerts, &scores, &dlq], 1);
+    let topics = Topics::new();
+    let Topics {
+        input,
+        alerts,
+        scores,
+        dlq,
+    } = &topics;
+    create_topics(&[input, alerts, scores, dlq], 1);
     let one_mb = format!(
         "{{\"transaction_id\":\"one\",\"ts\":1522540900,\"card_id\":\"7\",\"amount\":\"{}\"}}",
         "z".repeat(999_000 - 60)
     );
     let five_mb = "x".repeat(5_000_000);
-    produce_raw(&input, "7", &[one_mb.as_bytes(), five_mb.as_bytes()]);
-    replay(&file, &input);
+    produce_raw(input, "7", &[one_mb.as_bytes(), five_mb.as_bytes()]);
+    replay(&file, input);
     let group = unique("group");
-    let serve = Serve::start(&[
-        "--group",
-        &group,
-        "--input-topic",
-        &input,
-        "--alerts-topic",
-        &alerts,
-        "--scores-topic",
-        &scores,
-        "--dead-letter-topic",
-        &dlq,
-    ]);
-    let letters = read_topic(&dlq, 2, Duration::from_secs(90));
-    read_topic(&scores, valid, Duration::from_secs(90));
+    let serve = Serve::start_for(&topics, &group, &[]);
+    let letters = read_topic(dlq, 2, Duration::from_secs(90));
+    read_topic(scores, valid, Duration::from_secs(90));
     let text = serve.wait_metrics(Duration::from_secs(30), "both counted", |t| {
         t.contains("fraudstream_dead_letters_total{reason=\"oversized\"} 1")
     });
@@ -621,7 +584,7 @@ fn huge_records_are_dead_lettered_with_their_size_and_hash_and_committed() {
         assert!(letter["error"].as_str().unwrap().len() < 2 << 10);
     }
     assert_eq!(
-        committed(&group, &input),
+        committed(&group, input),
         Offset::Offset(valid as i64 + 2),
         "committed past the dead-lettered records"
     );

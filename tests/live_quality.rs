@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::broker::{brokers, unique};
-use common::detector::{Serve, create_topics, get, metric, produce_raw, read_topic};
+use common::detector::{Serve, Topics, create_topics, get, metric, produce_raw, read_topic};
 use common::prometheus::Prometheus;
 use common::{browser, fraudstream, simulate};
 
@@ -44,36 +44,24 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
     let dir = tempfile::tempdir().unwrap();
     let file = simulate(dir.path(), "cards.csv", &["--days", "12"]);
     let labels_by_id = file_labels(&file);
-    let (input, alerts, scores, labels, dlq) = (
-        unique("tx"),
-        unique("alerts"),
-        unique("scores"),
-        unique("labels"),
-        unique("dlq"),
-    );
-    create_topics(&[&input, &alerts, &scores, &dlq], 2);
+    let topics = Topics::new();
+    let Topics {
+        input,
+        alerts,
+        scores,
+        dlq,
+    } = &topics;
+    let labels = unique("labels");
+    create_topics(&[input, alerts, scores, dlq], 2);
     create_topics(&[&labels], 1);
     let group = unique("quality");
-    let serve = Serve::start(&[
-        "--group",
-        &group,
-        "--input-topic",
-        &input,
-        "--alerts-topic",
-        &alerts,
-        "--scores-topic",
-        &scores,
-        "--labels-topic",
-        &labels,
-        "--dead-letter-topic",
-        &dlq,
-    ]);
+    let serve = Serve::start_for(&topics, &group, &["--labels-topic", &labels]);
     let addr = serve.wait_ready(Duration::from_secs(90));
     let prometheus = Prometheus::start(dir.path(), &addr);
 
     // Transactions now, each label 2 seconds after its transaction.
     fraudstream()
-        .args(["replay", "--brokers", &brokers(), "--topic", &input])
+        .args(["replay", "--brokers", &brokers(), "--topic", input])
         .args(["--labels-topic", &labels, "--label-delay", "2", "--data"])
         .arg(&file)
         .assert()
@@ -87,7 +75,7 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
     );
 
     // What precision and recall must be: every score (from the scores topic) against the file.
-    let scored = read_topic(&scores, n, Duration::from_secs(120));
+    let scored = read_topic(scores, n, Duration::from_secs(120));
     assert_eq!(scored.len(), n, "every transaction scored once");
     let (mut tp, mut fp, mut fn_) = (0u32, 0u32, 0u32);
     for (_, _, s) in &scored {
@@ -130,7 +118,7 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         0.0,
         "labels are not transactions"
     );
-    let letters = read_topic(&dlq, 2, Duration::from_secs(30));
+    let letters = read_topic(dlq, 2, Duration::from_secs(30));
     assert_eq!(letters.len(), 2);
     assert!(
         letters

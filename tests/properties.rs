@@ -10,7 +10,7 @@ use std::sync::Arc;
 use fraudstream::model::Bundle;
 use fraudstream::observe::Metrics;
 use fraudstream::schema::{FeatureSpec, Format, SchemaError, load};
-use fraudstream::stream::{Detector, DetectorSettings, Envelope, Ingest, dead_letter_reasons};
+use fraudstream::stream::{Detector, DetectorSettings, Ingest, dead_letter_reasons};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
@@ -80,19 +80,8 @@ fn any_transaction() -> impl Strategy<Value = Map<String, Value>> {
         })
 }
 
-fn envelope(payload: Vec<u8>, offset: i64) -> Envelope {
-    Envelope {
-        payload,
-        topic: "t".into(),
-        partition: 0,
-        offset,
-        timestamp_ms: None,
-        generation: 0,
-    }
-}
-
 fn check_ingest(payload: Vec<u8>) -> Result<(), TestCaseError> {
-    match detector().ingest(&envelope(payload, 1)).kind {
+    match detector().ingest(&common::envelope(payload, 1)).kind {
         Ingest::Invalid(letter) => {
             prop_assert!(
                 dead_letter_reasons().contains(&letter.reason.as_str()),
@@ -134,7 +123,7 @@ proptest! {
     #[test]
     fn any_label_message_is_accepted_or_rejected_with_a_reason(label in any_transaction()) {
         let payload = serde_json::to_vec(&Value::Object(label)).unwrap();
-        if let Err(letter) = detector().label(&envelope(payload, 1)) {
+        if let Err(letter) = detector().label(&common::envelope(payload, 1)) {
             prop_assert!(dead_letter_reasons().contains(&letter.reason.as_str()), "{}", letter.reason);
         }
     }

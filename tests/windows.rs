@@ -11,7 +11,7 @@ use fraudstream::features::{DEFAULT_LABEL_DELAY, DEFAULT_WINDOW, WindowBuilder, 
 use fraudstream::model::Bundle;
 use fraudstream::observe::Metrics;
 use fraudstream::schema::{FeatureSpec, Format, Span, Transaction, load};
-use fraudstream::stream::{Detector, DetectorSettings, Envelope, Ingest};
+use fraudstream::stream::{Detector, DetectorSettings, Ingest};
 use fraudstream::train::{Period, TimeSplit};
 
 fn sorted(path: &str, spec: &FeatureSpec) -> Vec<Transaction> {
@@ -19,17 +19,6 @@ fn sorted(path: &str, spec: &FeatureSpec) -> Vec<Transaction> {
     assert_eq!(loaded.bad_rows, 0);
     loaded.sort_by_time();
     loaded.transactions
-}
-
-fn envelope(payload: Vec<u8>, offset: i64) -> Envelope {
-    Envelope {
-        payload,
-        topic: "t".into(),
-        partition: 0,
-        offset,
-        timestamp_ms: None,
-        generation: 0,
-    }
 }
 
 /// A detector whose bundle has `spec`, the scaler fitted on the file's training period, and
@@ -80,12 +69,15 @@ fn online_equals_offline(path: &str, spec: FeatureSpec, window: usize) {
         // Every label known by this transaction's time has arrived.
         while let Some((_, msg)) = pending.next_if(|(known, _)| *known <= tx.ts) {
             detector
-                .label(&envelope(serde_json::to_vec(msg).unwrap(), n_labels))
+                .label(&common::envelope(
+                    serde_json::to_vec(msg).unwrap(),
+                    n_labels,
+                ))
                 .unwrap();
             n_labels += 1;
         }
         let record = serde_json::to_vec(&transaction_json(&spec, tx)).unwrap();
-        let Ingest::Window(p) = detector.ingest(&envelope(record, i as i64)).kind else {
+        let Ingest::Window(p) = detector.ingest(&common::envelope(record, i as i64)).kind else {
             panic!("transaction {i} was not windowed")
         };
         assert_eq!(p.window, offline[i].data, "window {i} differs");
@@ -194,7 +186,7 @@ fn a_label_is_never_used_before_it_is_known() {
             .enumerate()
             .filter(|(i, tx)| {
                 let record = serde_json::to_vec(&transaction_json(&spec, tx)).unwrap();
-                let Ingest::Window(p) = d.ingest(&envelope(record, *i as i64)).kind else {
+                let Ingest::Window(p) = d.ingest(&common::envelope(record, *i as i64)).kind else {
                     panic!()
                 };
                 p.window != offline[*i].data
@@ -207,7 +199,10 @@ fn a_label_is_never_used_before_it_is_known() {
             .label_message(tx, tx.ts + known_after.as_secs_f64())
             .unwrap();
         detector
-            .label(&envelope(serde_json::to_vec(&msg).unwrap(), n as i64))
+            .label(&common::envelope(
+                serde_json::to_vec(&msg).unwrap(),
+                n as i64,
+            ))
             .unwrap();
     }
     assert_eq!(
@@ -223,7 +218,10 @@ fn a_label_is_never_used_before_it_is_known() {
     for (n, tx) in txs.iter().enumerate() {
         let msg = spec.label_message(tx, tx.ts).unwrap();
         eager
-            .label(&envelope(serde_json::to_vec(&msg).unwrap(), n as i64))
+            .label(&common::envelope(
+                serde_json::to_vec(&msg).unwrap(),
+                n as i64,
+            ))
             .unwrap();
     }
     assert!(

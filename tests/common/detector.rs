@@ -149,7 +149,45 @@ pub struct Serve {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The topics of one detector under test, each named for this test run.
+pub struct Topics {
+    pub input: String,
+    pub alerts: String,
+    pub scores: String,
+    pub dlq: String,
+}
+
+impl Topics {
+    pub fn new() -> Topics {
+        Topics {
+            input: unique("tx"),
+            alerts: unique("alerts"),
+            scores: unique("scores"),
+            dlq: unique("dlq"),
+        }
+    }
+}
+
 impl Serve {
+    /// `serve` in consumer group `group` on `topics` (scores and dead letters included), with
+    /// `extra` flags after.
+    pub fn start_for(topics: &Topics, group: &str, extra: &[&str]) -> Serve {
+        let mut args = vec![
+            "--group",
+            group,
+            "--input-topic",
+            &topics.input,
+            "--alerts-topic",
+            &topics.alerts,
+            "--scores-topic",
+            &topics.scores,
+            "--dead-letter-topic",
+            &topics.dlq,
+        ];
+        args.extend_from_slice(extra);
+        Serve::start(&args)
+    }
+
     pub fn start(args: &[&str]) -> Serve {
         Serve::start_on(&brokers(), args)
     }

@@ -94,3 +94,16 @@ pub fn die_with_parent(cmd: &mut std::process::Command) {
     #[cfg(not(target_os = "linux"))]
     let _ = cmd;
 }
+
+/// A message as a transport would hand it to the detector: partition 0 of topic `t`, no
+/// transport timestamp.
+pub fn envelope(payload: Vec<u8>, offset: i64) -> fraudstream::stream::Envelope {
+    fraudstream::stream::Envelope {
+        payload,
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        timestamp_ms: None,
+        generation: 0,
+    }
+}
