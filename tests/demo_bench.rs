@@ -153,7 +153,15 @@ fn bench_prints_the_documented_json() {
         v["latency_ms"]["p99"].as_f64().unwrap(),
     );
     assert!(p50 <= p99);
-    assert!(v["memory_per_card_bytes"].as_f64().unwrap() > 0.0);
+    let per_card = v["memory_per_card_bytes"].as_f64().unwrap();
+    assert!(per_card > 0.0);
+    // The worst card the input checks let through (256-byte ids, every hourly bucket of 30 days
+    // full) is bounded, and larger than an ordinary one.
+    let worst = v["memory_per_card_worst_bytes"].as_f64().unwrap();
+    assert!(
+        worst > per_card && worst < 64_000.0,
+        "{worst} vs {per_card}"
+    );
     // The default model's label tables: a terminal with a label a day for 37 days.
     let per_terminal = v["memory_per_terminal_bytes"].as_f64().unwrap();
     assert!((100.0..100_000.0).contains(&per_terminal), "{per_terminal}");

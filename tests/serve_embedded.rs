@@ -486,9 +486,10 @@ fn stdin_mode_stops_on_sigterm_while_stdin_stays_open() {
     assert!(stderr.contains("scored "), "{stderr}");
 }
 
-/// Records that would poison a card (a time in the year 3000 or before 1970, a 300-byte card
-/// id, an amount of 1e308) or the scores topic (an id already used by another card) are dead-lettered with their
-/// reason and field, and every other transaction scores exactly as it does without them.
+/// Records that would poison a card (a time in the year 3000 or before 1970, or years ahead of
+/// or a month behind the stream's own time, a 300-byte card id, an amount of 1e308) or the scores
+/// topic (an id already used by another card) are dead-lettered with their reason and field, and
+/// every other transaction scores exactly as it does without them.
 #[test]
 fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
     let dir = tempfile::tempdir().unwrap();
@@ -514,6 +515,22 @@ fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
     let mut stolen = first.clone();
     stolen["card_id"] = json!("another-card");
     poisoned.insert(15, stolen.to_string());
+    // Inside 1970..2200 but not this (2018) stream's time: three years ahead (years before the
+    // wall clock) and a month behind its watermark.
+    let ts = |line: &str| {
+        serde_json::from_str::<Value>(line).unwrap()["ts"]
+            .as_i64()
+            .unwrap()
+    };
+    let stream_now = ts(&lines[40]);
+    poisoned.insert(
+        45,
+        poison("p-ahead", "ts", json!(stream_now + 3 * 365 * 86_400)),
+    );
+    poisoned.insert(
+        50,
+        poison("p-behind", "ts", json!(stream_now - 30 * 86_400)),
+    );
     let path = dir.path().join("poisoned.jsonl");
     std::fs::write(&path, poisoned.join("\n")).unwrap();
     let (clean_dir, poisoned_dir) = (dir.path().join("a"), dir.path().join("b"));
@@ -532,7 +549,9 @@ fn poisoned_records_are_dead_lettered_and_change_no_other_score() {
             ("ts_out_of_range".into(), "ts".into()),
             ("too_long".into(), "card_id".into()),
             ("out_of_range".into(), "amount".into()),
-            ("duplicate_id".into(), "transaction_id".into())
+            ("duplicate_id".into(), "transaction_id".into()),
+            ("ts_out_of_range".into(), "ts".into()),
+            ("ts_out_of_range".into(), "ts".into()),
         ]
     );
     assert_eq!(scores.len(), clean_scores.len(), "one score per id");

@@ -124,6 +124,11 @@ fn memory(bundle: &Bundle, quiet: bool) -> Vec<(&'static str, serde_json::Value)
             "card state: {} bytes per card with a full 30-transaction window (RSS growth over 50,000 cards)",
         ),
         (
+            "memory_per_card_worst_bytes",
+            memory_per_card_worst(bundle, 1_000),
+            "card state, worst case: {} bytes per card with 256-byte card and transaction ids and a transaction every hour for 30 days (heap growth over 1,000 cards)",
+        ),
+        (
             "memory_per_terminal_bytes",
             memory_per_terminal(bundle, 100_000),
             "label tables: {} bytes per terminal with 37 days of daily labels (heap growth over 100,000 terminals)",
@@ -321,6 +326,42 @@ fn memory_per_card(bundle: &Bundle, cards: usize) -> Option<f64> {
         }
     }
     let after = rss_bytes()?;
+    Some((after - before) / cards as f64)
+}
+
+/// Bytes of heap per card in the worst case the input checks allow: card and transaction ids
+/// of the longest accepted length ([`crate::schema::MAX_KEY_BYTES`]) and a transaction every
+/// hour for 30 days, which fills every hourly bucket of the 30-day aggregates.
+fn memory_per_card_worst(bundle: &Bundle, cards: usize) -> Option<f64> {
+    use crate::features::{CardStore, wall_clock};
+    use crate::schema::{MAX_KEY_BYTES, Transaction};
+    let store = CardStore::with_limits(
+        bundle.window_builder(),
+        StateLimits::default(),
+        wall_clock(),
+    );
+    let long = |prefix: &str, n: u64| {
+        let head = format!("{prefix}{n}-");
+        format!("{head}{}", "x".repeat(MAX_KEY_BYTES - head.len()))
+    };
+    let keys: Vec<String> = (0..cards as u64).map(|c| long("card", c)).collect();
+    let before = heap_in_use()?;
+    let mut id = 0u64;
+    for hour in 0..=30 * 24 {
+        for key in &keys {
+            id += 1;
+            store.observe(&Transaction {
+                key: key.clone(),
+                ts: 1_522_540_800.0 + f64::from(hour) * 3_600.0,
+                id: Some(long("tx", id)),
+                label: None,
+                labelled_at: None,
+                numeric: vec![42.0],
+                context: vec!["1234".into()],
+            });
+        }
+    }
+    let after = heap_in_use()?;
     Some((after - before) / cards as f64)
 }
 

@@ -17,8 +17,8 @@ use crate::schema::{Format, Span, StateScope};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
 use crate::stream::kafka::{KafkaSettings, run_kafka};
 use crate::stream::{
-    BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Detector,
-    DetectorSettings,
+    BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_FUTURE_SKEW,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAST_AGE, Detector, DetectorSettings, TimeLimits,
 };
 
 /// Options of `serve`.
@@ -112,6 +112,14 @@ pub struct ServeArgs {
     /// size and SHA-256), so that it fits under the broker's message limit.
     #[arg(long, default_value_t = DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES)]
     pub max_dead_letter_payload_bytes: usize,
+    /// Dead-letter (`ts_out_of_range`) an event time further than this ahead of both its
+    /// partition's watermark (the latest event time accepted from it) and the wall clock.
+    #[arg(long, default_value_t = DEFAULT_MAX_FUTURE_SKEW)]
+    pub max_future_skew: Span,
+    /// Dead-letter (`ts_out_of_range`) an event time further than this behind its partition's
+    /// watermark. Historical replays work: the watermark is the stream's own time.
+    #[arg(long, default_value_t = DEFAULT_MAX_PAST_AGE)]
+    pub max_past_age: Span,
 }
 
 impl ServeArgs {
@@ -142,6 +150,10 @@ impl ServeArgs {
                 },
                 ttl_ms: i64::try_from(self.label_ttl_s.saturating_mul(1000)).unwrap_or(i64::MAX),
                 ..QualitySettings::default()
+            },
+            time: TimeLimits {
+                max_future_skew: self.max_future_skew,
+                max_past_age: self.max_past_age,
             },
         };
         let batch = BatchSettings {

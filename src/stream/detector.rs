@@ -12,6 +12,7 @@ use super::records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, now_rfc3339,
     time_rfc3339,
 };
+use super::watermark::{TimeLimits, Watermarks};
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
 use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings};
@@ -41,6 +42,8 @@ pub struct DetectorSettings {
     pub limits: StateLimits,
     /// Scores remembered for labels from a labels topic (`max_scores` 0: only inline labels).
     pub quality: QualitySettings,
+    /// Event times accepted around each partition's watermark.
+    pub time: TimeLimits,
 }
 
 impl Default for DetectorSettings {
@@ -53,6 +56,7 @@ impl Default for DetectorSettings {
                 max_scores: 0,
                 ..QualitySettings::default()
             },
+            time: TimeLimits::default(),
         }
     }
 }
@@ -130,6 +134,8 @@ pub struct Detector {
     quality: LiveQuality,
     /// Which card each recent transaction id belonged to.
     recent_ids: RecentIds,
+    /// Each input partition's latest accepted event time.
+    watermarks: Watermarks,
 }
 
 impl Detector {
@@ -158,6 +164,7 @@ impl Detector {
             metrics,
             quality: LiveQuality::new(settings.quality, &m.version),
             recent_ids: RecentIds::default(),
+            watermarks: Watermarks::new(settings.time),
         }
     }
 
@@ -237,6 +244,7 @@ impl Detector {
     /// them). A card whose transactions come back later starts from an empty window rather than
     /// one holding transactions whose outputs were dropped.
     pub fn forget_partitions(&self, partitions: &[i32]) -> usize {
+        self.watermarks.forget(partitions);
         self.store.forget_shards(partitions)
     }
 
@@ -275,6 +283,12 @@ impl Detector {
             Ok(tx) => tx,
             Err(e) => return dead(e.reason(), Some(e.field()), e.to_string()),
         };
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        if let Err(out) = self.watermarks.admit(env.partition, tx.ts, now) {
+            let field = &self.spec.time;
+            let error = out.describe(field, tx.ts, env.partition);
+            return dead("ts_out_of_range", Some(field), error);
+        }
         if let (Some(id), Some(field)) = (&tx.id, &self.spec.id)
             && !self.recent_ids.claim(id, &tx.key)
         {

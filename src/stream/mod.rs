@@ -21,6 +21,7 @@ mod records;
 pub mod scorer;
 pub mod settle;
 mod stats;
+mod watermark;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,6 +44,9 @@ pub use records::{
 pub use scorer::{Decided, Outcome, Scorer, score_batch};
 pub use settle::{Event, Settled, settle};
 pub use stats::{Run, RunStats, latency};
+pub use watermark::{
+    DEFAULT_MAX_FUTURE_SKEW, DEFAULT_MAX_PAST_AGE, OutOfWindow, TimeLimits, Watermarks,
+};
 
 /// How often a run reports progress (the demo's live line; the bench's completion check).
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
