@@ -9,6 +9,8 @@
 //! - [`features`]: raw features, the robust scaler, and the per-card ring-buffer window
 //!   ([`features::WindowBuilder::observe`]), one implementation for training and serving; the
 //!   online per-card state lives in [`features::CardStore`].
+//! - [`state`]: card state that survives restarts and rebalances: each card's state as a
+//!   changelog record, and its restore from the changelog topic.
 //! - [`model`]: the attention-LSTM (candle layers for training, a plain-Rust forward for
 //!   scoring) and the model bundle (safetensors + manifest).
 //! - [`train`]: time split into periods, window datasets, focal loss, the training loop,
@@ -32,5 +34,6 @@ pub mod observe;
 pub mod report;
 pub mod schema;
 pub mod sim;
+pub mod state;
 pub mod stream;
 pub mod train;

@@ -69,10 +69,14 @@ fn compose_file_validates_and_runs_the_whole_stack() {
         "--scores-topic",
         "--dead-letter-topic",
         "--labels-topic",
+        "--changelog-topic",
         "--http",
     ] {
         assert!(config.contains(flag) && help.contains(flag), "{flag}");
     }
+    // The changelog topic is created compacted.
+    assert!(config.contains("--topic transactions-changelog"));
+    assert!(config.contains("cleanup.policy=compact"));
     // Every file the compose file mounts exists.
     for line in config.lines() {
         if let Some(src) = line.trim().strip_prefix("source: ") {
@@ -204,14 +208,22 @@ fn kubernetes_manifests_match_the_binary() {
                 assert!(doc[key].as_str().is_some(), "{file:?}: no {key}");
             }
             let name = doc["metadata"]["name"].as_str().expect("metadata.name");
-            assert_eq!(name, "fraudstream");
+            assert!(name.starts_with("fraudstream"), "{name}");
             objects.insert(doc["kind"].as_str().unwrap().to_string(), doc);
         }
     }
-    for kind in ["ConfigMap", "Deployment", "Service", "PodMonitor"] {
+    for kind in ["ConfigMap", "Deployment", "Service", "PodMonitor", "Job"] {
         assert!(objects.contains_key(kind), "no {kind}");
     }
     let config = objects["ConfigMap"]["data"].as_hash().unwrap();
+    // The Job creates the changelog topic the detector is given, compacted, from the ConfigMap.
+    let job = &objects["Job"]["spec"]["template"]["spec"]["containers"][0];
+    let script = job["args"][0].as_str().unwrap();
+    assert!(script.contains("cleanup.policy=compact"), "{script}");
+    for var in ["BROKERS", "INPUT_TOPIC", "CHANGELOG_TOPIC"] {
+        assert!(script.contains(&format!("\"${var}\"")), "{var}");
+        assert!(config.contains_key(&Yaml::String(var.into())), "{var} not in the ConfigMap");
+    }
     let deployment = &objects["Deployment"];
     let pod = &deployment["spec"]["template"];
     let container = &pod["spec"]["containers"][0];

@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// Kafka topic for dead letters (optional; they are always counted and logged).
     #[arg(long)]
     pub dead_letter_topic: Option<String>,
+    /// Kafka topic where each card's state is written after every transaction (compacted,
+    /// keyed by card, with as many partitions as the input topic): the cards of newly assigned
+    /// partitions are restored from it before their records are scored, so a restart, crash or
+    /// rebalance does not empty their windows.
+    #[arg(long, conflicts_with = "input")]
+    pub changelog_topic: Option<String>,
     /// Kafka topic of fraud labels, JSON `{transaction_id, is_fraud, labelled_at}`, joined to
     /// remembered scores for live precision and recall (inline labels always count).
     #[arg(long, conflicts_with = "input")]
@@ -155,6 +161,7 @@ impl ServeArgs {
                 max_future_skew: self.max_future_skew,
                 max_past_age: self.max_past_age,
             },
+            changelog: self.changelog_topic.is_some(),
         };
         let batch = BatchSettings {
             max_batch: self.max_batch,
@@ -271,6 +278,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 scores_topic: args.scores_topic,
                 dead_letter_topic: args.dead_letter_topic,
                 labels_topic: args.labels_topic,
+                changelog_topic: args.changelog_topic,
                 extra: args.kafka,
                 batch,
                 on_assigned: None,

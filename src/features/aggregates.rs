@@ -93,6 +93,34 @@ impl CardSeries {
         t
     }
 
+    /// Hours, counts and sums (`fields` per bucket), oldest first: what a changelog record keeps.
+    pub fn parts(&self) -> (Vec<i64>, Vec<u32>, Vec<f64>) {
+        (
+            self.hours.iter().copied().collect(),
+            self.counts.iter().copied().collect(),
+            self.sums.iter().copied().collect(),
+        )
+    }
+
+    /// The series [`CardSeries::parts`] gave; None unless the hours ascend and the lengths agree
+    /// (`fields` sums per hour).
+    pub fn from_parts(
+        hours: Vec<i64>,
+        counts: Vec<u32>,
+        sums: Vec<f64>,
+        fields: usize,
+    ) -> Option<Self> {
+        let ascending = hours.windows(2).all(|w| w[0] < w[1]);
+        if !ascending || counts.len() != hours.len() || sums.len() != hours.len() * fields {
+            return None;
+        }
+        Some(CardSeries {
+            hours: hours.into(),
+            counts: counts.into(),
+            sums: sums.into(),
+        })
+    }
+
     /// Buckets held (for memory accounting).
     pub fn buckets(&self) -> usize {
         self.hours.len()

@@ -98,6 +98,27 @@ impl WindowBuilder {
         &self.scaler
     }
 
+    /// How many numeric fields card aggregates sum.
+    pub fn aggregated_fields(&self) -> usize {
+        self.featurizer.aggregated_fields()
+    }
+
+    /// Identifies the recipe (spec, scaler, window length): a card state saved by one recipe
+    /// means nothing to another (its rows are scaled features of that spec). The first 8 bytes
+    /// of a SHA-256, stable across processes and builds.
+    pub fn fingerprint(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let spec = serde_json::to_vec(self.featurizer.spec()).expect("a spec serialises");
+        h.update(&spec);
+        for v in self.scaler.center.iter().chain(&self.scaler.scale) {
+            h.update(v.to_le_bytes());
+        }
+        h.update((self.window_len as u64).to_le_bytes());
+        let digest = h.finalize();
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
+
     /// A new card's empty state.
     pub fn new_card(&self) -> CardState {
         CardState {
@@ -399,6 +420,18 @@ impl CardStore {
         let before = self.cards.len();
         self.cards.retain(|_, c| !shards.contains(&c.shard));
         before.saturating_sub(self.cards.len())
+    }
+
+    /// Runs `f` on a card's state, if the card is held.
+    pub fn with_card<R>(&self, key: &str, f: impl FnOnce(&CardState) -> R) -> Option<R> {
+        self.cards.get(key).map(|c| f(&c))
+    }
+
+    /// Puts restored cards in place (replacing any held under the same key).
+    pub fn restore(&self, cards: Vec<(String, CardState)>) {
+        for (key, card) in cards {
+            self.cards.insert(key, card);
+        }
     }
 
     /// Live cards.

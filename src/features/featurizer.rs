@@ -133,6 +133,11 @@ impl Featurizer {
         }
     }
 
+    /// How many numeric fields card aggregates sum (the sums per hourly bucket).
+    pub fn aggregated_fields(&self) -> usize {
+        self.aggregated.len()
+    }
+
     /// The spec this featurizer follows.
     pub fn spec(&self) -> &FeatureSpec {
         &self.spec

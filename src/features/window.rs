@@ -86,6 +86,51 @@ impl Window {
         self.len
     }
 
+    /// Row width (features per transaction).
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The real rows, oldest first: `len * width` floats, with their ids and event times (what a
+    /// changelog record keeps).
+    pub fn rows(&self) -> (Vec<f32>, Vec<Option<std::sync::Arc<str>>>, Vec<f64>) {
+        let mut rows = Vec::with_capacity(self.len * self.width);
+        let (mut ids, mut ts) = (Vec::with_capacity(self.len), Vec::with_capacity(self.len));
+        for s in self.slots() {
+            rows.extend_from_slice(&self.rows[s * self.width..][..self.width]);
+            ids.push(self.ids[s].clone());
+            ts.push(self.ts[s]);
+        }
+        (rows, ids, ts)
+    }
+
+    /// A window of `capacity` rows of `width` holding these rows (oldest first, as
+    /// [`Window::rows`] gives them); None when they do not fit (another model's window).
+    pub fn from_rows(
+        capacity: usize,
+        width: usize,
+        rows: &[f32],
+        ids: Vec<Option<std::sync::Arc<str>>>,
+        ts: &[f64],
+    ) -> Option<Self> {
+        let len = ids.len();
+        if capacity == 0 || width == 0 || len > capacity || ts.len() != len {
+            return None;
+        }
+        if rows.len() != len * width {
+            return None;
+        }
+        let mut w = Window::new(capacity, width);
+        for (i, id) in ids.into_iter().enumerate() {
+            w.rows[i * width..][..width].copy_from_slice(&rows[i * width..][..width]);
+            w.ids[i] = id;
+            w.ts[i] = ts[i];
+        }
+        w.len = len;
+        w.head = len % capacity;
+        Some(w)
+    }
+
     /// Transaction ids aligned with `write_padded`'s rows (None for padding or id-less records).
     /// Shared, not copied: a scored window hands them on for every transaction.
     pub fn padded_ids(&self) -> Vec<Option<std::sync::Arc<str>>> {
@@ -98,6 +143,31 @@ impl Window {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_rebuilt_from_its_rows_is_the_same_window() {
+        for pushed in [0usize, 1, 3, 4, 9] {
+            let mut w = Window::new(4, 2);
+            for i in 0..pushed {
+                let id = format!("t{i}");
+                w.push(&[i as f32, -(i as f32)], Some(&id), i as f64);
+            }
+            let (rows, ids, ts) = w.rows();
+            let back = Window::from_rows(4, 2, &rows, ids, &ts).unwrap();
+            let (mut a, mut b) = (vec![0f32; 8], vec![0f32; 8]);
+            assert_eq!(w.write_padded(&mut a), back.write_padded(&mut b));
+            assert_eq!(a, b, "{pushed} pushed");
+            assert_eq!(w.padded_ids(), back.padded_ids());
+            // And it goes on the same way.
+            let (mut w, mut back) = (w, back);
+            w.push(&[7.0, 7.0], Some("n"), 99.0);
+            back.push(&[7.0, 7.0], Some("n"), 99.0);
+            assert_eq!(w.rows(), back.rows());
+        }
+        // Rows of another shape do not fit.
+        assert!(Window::from_rows(4, 3, &[0.0; 4], vec![None, None], &[0.0, 0.0]).is_none());
+        assert!(Window::from_rows(1, 2, &[0.0; 4], vec![None, None], &[0.0, 0.0]).is_none());
+    }
 
     fn ids(w: &Window) -> Vec<Option<String>> {
         w.padded_ids()

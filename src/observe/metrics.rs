@@ -27,6 +27,18 @@ pub struct Metrics {
     pub delivery_failures: IntCounter,
     /// 1 while librdkafka's statistics show a broker connection up.
     pub broker_up: IntGauge,
+    /// Changelog records produced (one per scored transaction with `--changelog-topic`).
+    pub changelog_records: IntCounter,
+    /// Bytes of changelog record payloads produced.
+    pub changelog_bytes: IntCounter,
+    /// Cards restored from the changelog.
+    pub restored_cards: IntCounter,
+    /// Changelog records or cards not restored, by reason.
+    pub restore_skipped: IntCounterVec,
+    /// Restores that failed (their cards start empty).
+    pub restore_failures: IntCounter,
+    /// Time to restore the cards of newly assigned partitions.
+    pub restore_seconds: Histogram,
     /// Windows per scored batch.
     pub batch_size: Histogram,
     /// Time to score one batch.
@@ -154,6 +166,34 @@ impl Metrics {
             broker_up: r.add(IntGauge::new(
                 "fraudstream_broker_up",
                 "1 while the consumer has a broker connection up (librdkafka statistics, every 5 s), else 0",
+            )?)?,
+            changelog_records: r.add(IntCounter::new(
+                "fraudstream_changelog_records_total",
+                "Card-state records produced to the changelog topic",
+            )?)?,
+            changelog_bytes: r.add(IntCounter::new(
+                "fraudstream_changelog_bytes_total",
+                "Bytes of card-state records produced to the changelog topic (payloads)",
+            )?)?,
+            restored_cards: r.add(IntCounter::new(
+                "fraudstream_state_restored_cards_total",
+                "Cards restored from the changelog topic on partition assignment",
+            )?)?,
+            restore_skipped: r.add(IntCounterVec::new(
+                vec(
+                    "fraudstream_state_restore_skipped_total",
+                    "Changelog records or cards not restored, by reason (corrupt, version, other_model)",
+                ),
+                &["reason"],
+            )?)?,
+            restore_failures: r.add(IntCounter::new(
+                "fraudstream_state_restore_failures_total",
+                "Restores from the changelog that failed (broker error or deadline): those partitions' cards start empty",
+            )?)?,
+            restore_seconds: r.add(histogram(
+                "fraudstream_state_restore_duration_seconds",
+                "Time to restore the cards of newly assigned partitions from the changelog",
+                exponential(0.01, 2.0, 14),
             )?)?,
             delivery_failures: r.add(IntCounter::new(
                 "fraudstream_delivery_failures_total",

@@ -17,6 +17,7 @@ use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
 use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings};
 use crate::schema::{FeatureSpec, Transaction};
+use crate::state;
 
 /// Messages larger than this are dead-lettered unparsed (1 MiB, Kafka's default
 /// `message.max.bytes`: nothing larger reaches a default topic anyway).
@@ -44,6 +45,8 @@ pub struct DetectorSettings {
     pub quality: QualitySettings,
     /// Event times accepted around each partition's watermark.
     pub time: TimeLimits,
+    /// Whether each card's new state is written to a changelog (see [`crate::state`]).
+    pub changelog: bool,
 }
 
 impl Default for DetectorSettings {
@@ -57,6 +60,7 @@ impl Default for DetectorSettings {
                 ..QualitySettings::default()
             },
             time: TimeLimits::default(),
+            changelog: false,
         }
     }
 }
@@ -80,6 +84,9 @@ pub struct Pending {
     pub window_ids: Vec<Option<Arc<str>>>,
     /// The current transaction's raw features (for an alert's reasons).
     pub raw: Vec<f64>,
+    /// The card's state after this transaction, as a changelog record (when the detector
+    /// writes a changelog).
+    pub state: Option<Vec<u8>>,
 }
 
 /// What one input message became.
@@ -136,6 +143,8 @@ pub struct Detector {
     recent_ids: RecentIds,
     /// Each input partition's latest accepted event time.
     watermarks: Watermarks,
+    /// The window recipe's fingerprint, stamped on changelog records.
+    recipe: u64,
 }
 
 impl Detector {
@@ -165,6 +174,7 @@ impl Detector {
             quality: LiveQuality::new(settings.quality, &m.version),
             recent_ids: RecentIds::default(),
             watermarks: Watermarks::new(settings.time),
+            recipe: bundle.window_builder().fingerprint(),
         }
     }
 
@@ -248,6 +258,18 @@ impl Detector {
         self.store.forget_shards(partitions)
     }
 
+    /// The store's window recipe (what restored card states must have been written with).
+    pub fn window_builder(&self) -> &crate::features::WindowBuilder {
+        self.store.builder()
+    }
+
+    /// Puts cards restored from the changelog in place and counts them.
+    pub fn restore_cards(&self, cards: Vec<(String, crate::features::CardState)>) {
+        self.metrics.restored_cards.inc_by(cards.len() as u64);
+        self.store.restore(cards);
+        self.sync_card_metrics();
+    }
+
     /// Parses, validates and windows one message. Never panics on input.
     pub fn ingest(&self, env: &Envelope) -> Ingested {
         Ingested {
@@ -299,6 +321,10 @@ impl Detector {
         match self.store.observe_with_ids(&tx, env.partition) {
             None => Ingest::Duplicate,
             Some((w, ids)) => Ingest::Window(Box::new(Pending {
+                state: self.settings.changelog.then(|| {
+                    let encode = |c: &_| state::encode(c, self.recipe, env.offset);
+                    self.store.with_card(&tx.key, encode).unwrap_or_default()
+                }),
                 transaction_id: tx.id,
                 card_id: tx.key,
                 ts: tx.ts,

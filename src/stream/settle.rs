@@ -23,6 +23,8 @@ pub struct Settled {
     pub dead_letter: Option<Box<DeadLetter>>,
     /// For a scored transaction: transport timestamp (ms) and ingestion instant.
     pub timing: Option<(Option<i64>, std::time::Instant)>,
+    /// The card's state after the transaction, for the changelog (see [`crate::state`]).
+    pub changelog: Option<Vec<u8>>,
 }
 
 /// Something worth a log line and a counter, emitted in one place so the two never disagree.
@@ -93,9 +95,11 @@ pub fn settle(detector: &Detector, outcome: Outcome, with_scores: bool) -> Settl
         score: None,
         dead_letter: None,
         timing: None,
+        changelog: None,
     };
     match outcome.kind {
-        Decided::Scored(d) => {
+        Decided::Scored(mut d) => {
+            s.changelog = d.pending.state.take();
             let alert = detector.alerts(&d).then(|| detector.alert(&d, &s.origin));
             Event::Scored {
                 alerted: alert.is_some(),

@@ -274,6 +274,27 @@ impl Serve {
     }
 }
 
+impl Serve {
+    /// Waits for it to exit by itself; the exit code and its log.
+    pub fn wait(mut self, timeout: Duration) -> (i32, String) {
+        let status = super::wait_until(timeout, "serve to exit", || self.child.try_wait().unwrap());
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        (status.code().unwrap_or(-1), self.log())
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye (a crash or an OOM kill).
+    pub fn kill(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        self.log()
+    }
+}
+
 impl Drop for Serve {
     fn drop(&mut self) {
         // A failed test must not leave a detector running.

@@ -25,6 +25,8 @@ pub struct KafkaSettings {
     /// Fraud labels (JSON `{transaction_id, is_fraud, labelled_at}`) joined to remembered scores
     /// for live precision and recall. Every instance reads every partition of it.
     pub labels_topic: Option<String>,
+    /// Card-state changelog (compacted, partitioned like the input; see [`crate::state`]).
+    pub changelog_topic: Option<String>,
     /// librdkafka settings applied last (SASL, TLS, timeouts).
     pub extra: Vec<(String, String)>,
     /// Micro-batching.
@@ -44,6 +46,7 @@ impl KafkaSettings {
             scores_topic: None,
             dead_letter_topic: None,
             labels_topic: None,
+            changelog_topic: None,
             extra: vec![],
             batch: BatchSettings::default(),
             on_assigned: None,

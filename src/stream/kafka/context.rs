@@ -9,7 +9,11 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 
+use crate::state::Restorer;
 use crate::stream::{Assignment, Detector};
+
+/// How long the group's committed offsets may take to arrive before a restore.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a revocation waits for already-published outputs of the revoked partitions to be
 /// acknowledged before committing: well under the group's session timeout (tests run with
@@ -23,6 +27,8 @@ pub struct GroupContext {
     /// Partitions held since the last rebalance: only these have a lag series.
     held: Mutex<HashSet<(String, i32)>>,
     on_assigned: Option<Arc<tokio::sync::Notify>>,
+    /// Restores newly assigned partitions' cards from the changelog.
+    restorer: Option<Restorer>,
 }
 
 impl GroupContext {
@@ -37,6 +43,62 @@ impl GroupContext {
             assignment,
             held: Mutex::default(),
             on_assigned,
+            restorer: None,
+        }
+    }
+
+    /// Restores the cards of assigned partitions from the changelog before their records are
+    /// scored.
+    pub fn with_restorer(mut self, restorer: Restorer) -> Self {
+        self.restorer = Some(restorer);
+        self
+    }
+
+    /// Reads the cards of newly assigned partitions from the changelog, applying the records
+    /// below the group's committed offsets (see [`crate::state`]). Runs inside the rebalance
+    /// callback: no record of these partitions is delivered before it returns. A failure is
+    /// logged and counted, and those cards start empty.
+    fn restore(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList, r: &Restorer) {
+        let m = self.detector.metrics();
+        let committed = match consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("no committed offsets to restore against, cards start empty: {e}");
+                m.restore_failures.inc();
+                return;
+            }
+        };
+        let parts: Vec<(i32, Option<i64>)> = committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                rdkafka::Offset::Offset(n) => (e.partition(), Some(n)),
+                _ => (e.partition(), None),
+            })
+            .collect();
+        match r.restore(&parts, self.detector.window_builder()) {
+            Ok((cards, stats)) => {
+                m.restore_seconds.observe(stats.seconds);
+                for (reason, n) in &stats.skipped {
+                    m.restore_skipped.with_label_values(&[reason]).inc_by(*n);
+                }
+                tracing::info!(
+                    topic = r.topic(),
+                    partitions = parts.len(),
+                    cards = stats.cards,
+                    records = stats.records,
+                    ahead_of_commit = stats.ahead,
+                    skipped = stats.skipped.values().sum::<u64>(),
+                    seconds = stats.seconds,
+                    cards_per_s = (stats.cards as f64 / stats.seconds.max(1e-9)).round(),
+                    "card state restored from the changelog"
+                );
+                self.detector.restore_cards(cards);
+            }
+            Err(e) => {
+                tracing::error!("restoring card state failed, those cards start empty: {e}");
+                m.restore_failures.inc();
+            }
         }
     }
 
@@ -127,6 +189,11 @@ impl ConsumerContext for GroupContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Assign(tpl), Some(r)) = (rebalance, &self.restorer)
+            && tpl.count() > 0
+        {
+            self.restore(consumer, tpl, r);
+        }
         let assigned: HashSet<(String, i32)> = consumer
             .assignment()
             .map(|a| {

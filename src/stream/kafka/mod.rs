@@ -26,6 +26,7 @@ pub use produce::{InFlight, MAX_IN_FLIGHT, Pacer};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
 
+use crate::state::Restorer;
 use crate::stream::{Assignment, Detector, RunStats, StreamError};
 
 fn setup(e: impl std::fmt::Display) -> StreamError {
@@ -41,7 +42,17 @@ pub async fn run_kafka(
 ) -> Result<RunStats, StreamError> {
     warn_if_dead_letters_may_not_fit(&detector, &s);
     let assignment = Arc::new(Assignment::default());
-    let context = GroupContext::new(detector.clone(), assignment.clone(), s.on_assigned.clone());
+    let mut context =
+        GroupContext::new(detector.clone(), assignment.clone(), s.on_assigned.clone());
+    if let Some(topic) = &s.changelog_topic {
+        check_partitions(&s, topic).await?;
+        let config = config::client_config(
+            &s.brokers,
+            &s.extra,
+            &[("group.id", &format!("{}-restore", s.group))],
+        );
+        context = context.with_restorer(Restorer::new(config, topic));
+    }
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
         config::consumer_config(&s)
             .create_with_context(context)
@@ -57,17 +68,63 @@ pub async fn run_kafka(
     };
     let restored = labels.as_ref().map(|l| l.restored.clone());
     let source = KafkaSource::new(consumer, assignment, restored);
-    let sink = KafkaSink::new(
+    let mut sink = KafkaSink::new(
         producer,
         s.alerts_topic.clone(),
         s.scores_topic.clone(),
         s.dead_letter_topic.clone(),
     );
+    if let Some(topic) = &s.changelog_topic {
+        sink = sink.with_changelog(topic.clone(), detector.metrics().clone());
+    }
     let stats = crate::stream::run(detector, source, sink, s.batch, shutdown, progress).await;
     if let Some(l) = labels {
         l.task.abort();
     }
     stats
+}
+
+/// How long start-up metadata requests may take.
+const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The changelog must exist with the input's partition count: a card's state lives in the
+/// changelog partition of its input partition.
+async fn check_partitions(s: &KafkaSettings, changelog: &str) -> Result<(), StreamError> {
+    let config = config::client_config(&s.brokers, &s.extra, &[]);
+    let (input, changelog) = (s.input_topic.clone(), changelog.to_string());
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::producer::Producer;
+        let client: rdkafka::producer::BaseProducer = config.create().map_err(setup)?;
+        let count = |topic: &str| -> Result<usize, StreamError> {
+            let meta = client
+                .client()
+                .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+                .map_err(|e| setup(format!("metadata of topic {topic}: {e}")))?;
+            let t = meta.topics().iter().find(|t| t.name() == topic);
+            match t {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    Ok(t.partitions().len())
+                }
+                _ => Err(setup(format!("topic {topic} does not exist"))),
+            }
+        };
+        let n = count(&input)?;
+        let m = count(&changelog).map_err(|e| {
+            setup(format!(
+                "{e}: create the changelog topic with {n} partitions (the input's) and \
+                 cleanup.policy=compact (see deploy/)"
+            ))
+        })?;
+        if n != m {
+            return Err(setup(format!(
+                "changelog topic {changelog} has {m} partitions but input topic {input} has {n}: \
+                 they must match (a card's state lives in its input partition's changelog partition)"
+            )));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(StreamError::Task)?
 }
 
 /// A dead letter larger than the producer's limit is never delivered (its record's offset is then

@@ -1,10 +1,12 @@
 //! The idempotent producer as a pipeline sink: alerts and scores keyed by card, dead letters
 //! unkeyed; each record's delivery report is its acknowledgement.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::observe::Metrics;
 use crate::stream::acks::{Ack, ready};
 use crate::stream::{Settled, Sink, StreamError};
 
@@ -17,6 +19,7 @@ pub struct KafkaSink {
     alerts: String,
     scores: Option<String>,
     dead_letters: Option<String>,
+    changelog: Option<(String, Arc<Metrics>)>,
 }
 
 impl KafkaSink {
@@ -32,16 +35,38 @@ impl KafkaSink {
             alerts,
             scores,
             dead_letters,
+            changelog: None,
         }
+    }
+
+    /// Also writes card states to the changelog `topic`, counting them in `metrics`.
+    pub fn with_changelog(mut self, topic: String, metrics: Arc<Metrics>) -> Self {
+        self.changelog = Some((topic, metrics));
+        self
     }
 }
 
 /// Hands one record to the producer; its delivery report becomes the acknowledgement. A record
 /// the producer refuses at once (queue full, too large) is a failed acknowledgement too.
 pub fn send(producer: &FutureProducer, topic: &str, key: Option<&str>, payload: &str) -> Ack {
-    let mut record = FutureRecord::<str, str>::to(topic).payload(payload);
+    send_to(producer, topic, None, key, payload.as_bytes())
+}
+
+/// Like [`send`], to an explicit partition (None: the producer's partitioner) and with a binary
+/// payload.
+pub fn send_to(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: Option<&str>,
+    payload: &[u8],
+) -> Ack {
+    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload);
     if let Some(k) = key {
         record = record.key(k);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
     }
     match producer.send_result(record) {
         Ok(delivery) => Box::pin(async move {
@@ -71,6 +96,14 @@ impl Sink for KafkaSink {
         }
         if let (Some(topic), Some(letter)) = (&self.dead_letters, &s.dead_letter) {
             acks.push(send(&self.producer, topic, None, &json(&**letter)));
+        }
+        // The card's new state, to the input's partition: acknowledged before the input offset is
+        // stored, like every output.
+        if let (Some((topic, m)), Some(state)) = (&self.changelog, &s.changelog) {
+            let p = Some(s.origin.partition);
+            acks.push(send_to(&self.producer, topic, p, key, state));
+            m.changelog_records.inc();
+            m.changelog_bytes.inc_by(state.len() as u64);
         }
         Ok(acks)
     }
