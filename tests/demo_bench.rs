@@ -135,6 +135,9 @@ fn bench_prints_the_documented_json() {
             "200",
             "--replay-seconds",
             "1",
+            "--changelog",
+            "--restore-cards",
+            "3000",
         ])
         .timeout(std::time::Duration::from_secs(120))
         .output()
@@ -168,6 +171,19 @@ fn bench_prints_the_documented_json() {
     // A remembered score holds an id, a flag and a time: tens to a few hundred bytes.
     let per_score = v["memory_per_remembered_score_bytes"].as_f64().unwrap();
     assert!((16.0..1000.0).contains(&per_score), "{per_score}");
+    // Changelog: one record per scored transaction; a restore brings every card back.
+    assert!(v["changelog"]["records"].as_u64().unwrap() > 0, "{v}");
+    assert!(
+        v["changelog"]["bytes_per_transaction"].as_f64().unwrap() > 50.0,
+        "{v}"
+    );
+    assert_eq!(v["restore"]["cards"].as_u64(), Some(3000), "{v}");
+    assert!(v["restore"]["cards_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    // A full window of the default model's 20 features is 2.4 KB of rows alone.
+    assert!(
+        v["restore"]["bytes_per_card"].as_f64().unwrap() > 2_400.0,
+        "{v}"
+    );
     // The pacer's check: 200 messages offered at 200/s. (The README's figure is the 10-second
     // run; this only checks the numbers are there and plausible, not the machine's speed.)
     let pacing = &v["replay_messages_per_s"];

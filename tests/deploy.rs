@@ -222,7 +222,10 @@ fn kubernetes_manifests_match_the_binary() {
     assert!(script.contains("cleanup.policy=compact"), "{script}");
     for var in ["BROKERS", "INPUT_TOPIC", "CHANGELOG_TOPIC"] {
         assert!(script.contains(&format!("\"${var}\"")), "{var}");
-        assert!(config.contains_key(&Yaml::String(var.into())), "{var} not in the ConfigMap");
+        assert!(
+            config.contains_key(&Yaml::String(var.into())),
+            "{var} not in the ConfigMap"
+        );
     }
     let deployment = &objects["Deployment"];
     let pod = &deployment["spec"]["template"];

@@ -46,6 +46,13 @@ pub struct BenchArgs {
     /// ... for this many seconds.
     #[arg(long, default_value_t = 10.0)]
     pub replay_seconds: f64,
+    /// Write each card's state to a changelog topic during the end-to-end run (its cost).
+    #[arg(long)]
+    pub changelog: bool,
+    /// Restore this many cards (each with a full window) from a changelog topic and time it
+    /// (0: skip).
+    #[arg(long, default_value_t = 100_000)]
+    pub restore_cards: usize,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -86,9 +93,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let memory = memory(&bundle, args.json);
     let e2e = end_to_end(&bundle, &args)?;
     let pacing = replay_pacing(&args)?;
+    let restore = restore(&bundle, &args)?;
     if args.json {
         let mut out = json!({ "inference_windows_per_s": inference });
-        for (k, v) in memory.into_iter().chain(e2e).chain(pacing) {
+        for (k, v) in memory.into_iter().chain(e2e).chain(pacing).chain(restore) {
             out[k] = v;
         }
         println!("{out}");
@@ -165,13 +173,21 @@ fn end_to_end(
     );
     let rt = tokio::runtime::Runtime::new()?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let detector = Arc::new(Detector::new(bundle, DetectorSettings::default(), metrics));
+    let settings = DetectorSettings {
+        changelog: args.changelog,
+        ..DetectorSettings::default()
+    };
+    let detector = Arc::new(Detector::new(bundle, settings, metrics.clone()));
     let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()
     };
     let transactions: u64 = Simulator::new(sim.clone()).map(|d| d.len() as u64).sum();
     let broker = rt.block_on(DemoBroker::start(args.brokers.clone(), &input, &alerts))?;
+    let changelog = format!("bench-changelog-{suffix}");
+    if args.changelog {
+        rt.block_on(broker.create_topic(&changelog, 4))?;
+    }
     let brokers = broker.brokers.clone();
     let stats = rt.block_on(async {
         // Production starts once the detector holds its partitions, so the group join is not
@@ -188,6 +204,7 @@ fn end_to_end(
         let mut settings =
             KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
         settings.on_assigned = Some(assigned);
+        settings.changelog_topic = args.changelog.then(|| changelog.clone());
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
         let stats = run_kafka(
@@ -229,16 +246,137 @@ fn end_to_end(
     } else {
         "embedded (librdkafka mock cluster)"
     };
-    Ok(vec![
-        ("end_to_end_tx_per_s", json!(stats.throughput().round())),
-        (
-            "latency_ms",
-            json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms}),
-        ),
-        ("end_to_end_broker", json!(broker_kind)),
-        ("end_to_end_rate_limit_per_s", json!(args.rate)),
-        ("transactions", json!(transactions)),
-    ])
+    let mut out = Vec::new();
+    if args.changelog {
+        let records = metrics.changelog_records.get();
+        let per_tx = metrics.changelog_bytes.get() as f64 / records.max(1) as f64;
+        if !args.json {
+            println!("changelog: {records} records, {per_tx:.0} bytes per scored transaction");
+        }
+        out.push((
+            "changelog",
+            json!({"records": records, "bytes_per_transaction": per_tx.round()}),
+        ));
+    }
+    Ok([
+        out,
+        vec![
+            ("end_to_end_tx_per_s", json!(stats.throughput().round())),
+            (
+                "latency_ms",
+                json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms}),
+            ),
+            ("end_to_end_broker", json!(broker_kind)),
+            ("end_to_end_rate_limit_per_s", json!(args.rate)),
+            ("transactions", json!(transactions)),
+        ],
+    ]
+    .concat())
+}
+
+/// Restore from a changelog: `--restore-cards` cards, each with a full window of the model,
+/// produced to a 4-partition changelog topic on the broker, then read back and decoded the way
+/// a detector restores newly assigned partitions.
+fn restore(
+    bundle: &Bundle,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
+    use crate::features::{CardStore, wall_clock};
+    use crate::schema::Transaction;
+    use crate::state::{Restorer, encode};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let cards = args.restore_cards;
+    if cards == 0 {
+        return Ok(Vec::new());
+    }
+    let builder = bundle.window_builder();
+    let recipe = builder.fingerprint();
+    let store = CardStore::with_limits(builder.clone(), StateLimits::default(), wall_clock());
+    let suffix = std::process::id();
+    let topic = format!("bench-restore-{suffix}");
+    let rt = tokio::runtime::Runtime::new()?;
+    let broker = rt.block_on(DemoBroker::start(
+        args.brokers.clone(),
+        &format!("bench-restore-input-{suffix}"),
+        &format!("bench-restore-alerts-{suffix}"),
+    ))?;
+    // The embedded broker keeps at most 5 MB per partition (librdkafka's mock cluster drops
+    // older segments): enough partitions that 100,000 cards of about 3 KB all stay.
+    let partitions: i32 = if broker.embedded() {
+        (cards * 3_500 / (3 << 20) + 1).clamp(4, 1_000) as i32
+    } else {
+        8
+    };
+    rt.block_on(broker.create_topic(&topic, partitions))?;
+    let producer: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.brokers)
+        .set("linger.ms", "20")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()?;
+    let mut bytes = 0usize;
+    for card in 0..cards {
+        let key = format!("card-{card}");
+        for i in 0..bundle.manifest.window {
+            store.observe(&Transaction {
+                key: key.clone(),
+                ts: 1_522_540_800.0 + (i * 3_600) as f64,
+                id: Some(format!("{card}-{i}")),
+                label: None,
+                labelled_at: None,
+                numeric: vec![42.0 + (i % 5) as f64],
+                context: vec!["1234".into()],
+            });
+        }
+        let record = store
+            .with_card(&key, |c| encode(c, recipe, 0))
+            .expect("just observed");
+        bytes += record.len();
+        let partition = (card % partitions as usize) as i32;
+        let mut next = BaseRecord::to(&topic)
+            .key(&key)
+            .payload(&record)
+            .partition(partition);
+        loop {
+            match producer.send(next) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(std::time::Duration::from_millis(10));
+                    next = back;
+                }
+            }
+        }
+        // The card's state is in the record; the store need not keep it.
+        store.forget_shards(&[0]);
+    }
+    producer.flush(std::time::Duration::from_secs(120))?;
+    let config = crate::stream::kafka::client_config(
+        &broker.brokers,
+        &[],
+        &[("group.id", &format!("bench-restore-{suffix}"))],
+    );
+    let restorer = Restorer::new(config, &topic);
+    let parts: Vec<(i32, Option<i64>)> = (0..partitions).map(|p| (p, Some(i64::MAX))).collect();
+    let (restored, stats) = restorer.restore(&parts, &builder)?;
+    drop(broker);
+    anyhow::ensure!(
+        restored.len() == cards,
+        "restored {} of {cards} cards",
+        restored.len()
+    );
+    let per_s = cards as f64 / stats.seconds;
+    let per_record = bytes as f64 / cards as f64;
+    if !args.json {
+        println!(
+            "restore: {cards} cards ({per_record:.0} bytes each) from a {partitions}-partition changelog in {:.2} s: {per_s:.0} cards/s",
+            stats.seconds
+        );
+    }
+    Ok(vec![(
+        "restore",
+        json!({"cards": cards, "seconds": (stats.seconds * 1000.0).round() / 1000.0,
+               "cards_per_s": per_s.round(), "bytes_per_card": per_record.round(),
+               "partitions": partitions}),
+    )])
 }
 
 /// `replay`'s pacer against the broker: simulated transactions offered at `--replay-rate` for

@@ -178,6 +178,15 @@ impl DemoBroker {
         }
     }
 
+    /// Creates one more topic (when it does not exist).
+    pub(crate) async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        match &self.mock {
+            Some(cluster) => cluster.create_topic(name, partitions, 1)?,
+            None => ensure_topics(&self.brokers, &[], &[name], partitions).await?,
+        }
+        Ok(())
+    }
+
     /// Whether the broker runs in this process.
     pub(crate) fn embedded(&self) -> bool {
         self.mock.is_some()
