@@ -68,8 +68,7 @@ fn two_detectors_compute_the_same_context_and_scores_as_one() {
     let n = std::fs::read_to_string(&file).unwrap().lines().count();
     let (input, labels, alerts) = (unique("tx"), unique("labels"), unique("alerts"));
     let (one, two_a, two_b) = (unique("one"), unique("two-a"), unique("two-b"));
-    create_topics(&[&input], 4);
-    create_topics(&[&labels], 2);
+    create_topics(&[&input, &labels], 4);
     create_topics(&[&alerts, &one, &two_a, &two_b], 1);
     let published = publish_labels(&file, &labels);
     assert_eq!(published, n);

@@ -52,8 +52,7 @@ fn labelled_replay_shows_live_precision_and_recall_in_metrics_prometheus_and_das
         dlq,
     } = &topics;
     let labels = unique("labels");
-    create_topics(&[input, alerts, scores, dlq], 2);
-    create_topics(&[&labels], 1);
+    create_topics(&[input, alerts, scores, dlq, &labels], 2);
     let group = unique("quality");
     let serve = Serve::start_for(&topics, &group, &["--labels-topic", &labels]);
     let addr = serve.wait_ready(Duration::from_secs(90));
@@ -257,4 +256,62 @@ fn metric_text(x: f64) -> String {
     use std::fmt::Write;
     write!(s, "{x}").unwrap();
     s
+}
+
+/// Labels follow the cards: with two members in a group, each joins the labels of the input
+/// partitions it holds (labels are keyed by card, partitioned like the input) and leaves the
+/// others' to them, so together they join every label once and neither counts the other's as
+/// unmatched.
+#[test]
+fn two_members_split_the_labels_like_the_cards() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(dir.path(), "cards.csv", &["--days", "5", "--cards", "400"]);
+    let n = file_labels(&file).len();
+    let topics = Topics::new();
+    let labels = unique("labels");
+    create_topics(&[&topics.input, &labels], 4);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    let group = unique("split");
+    let a = Serve::start_for(&topics, &group, &["--labels-topic", &labels]);
+    let b = Serve::start_for(&topics, &group, &["--labels-topic", &labels]);
+    let (addr_a, addr_b) = (
+        a.wait_ready(Duration::from_secs(90)),
+        b.wait_ready(Duration::from_secs(90)),
+    );
+    fraudstream()
+        .args(["replay", "--brokers", &brokers(), "--topic", &topics.input])
+        .args(["--labels-topic", &labels, "--label-delay", "1", "--data"])
+        .arg(&file)
+        .assert()
+        .success();
+    let joined = |t: &str| metric(t, "fraudstream_labels_total{source=\"topic\"}");
+    let (ta, tb) = common::wait_until(Duration::from_secs(90), "every label joined", || {
+        let (ta, tb) = (get(&addr_a, "/metrics").1, get(&addr_b, "/metrics").1);
+        (joined(&ta) + joined(&tb) == n as f64).then_some((ta, tb))
+    });
+    for (name, t) in [("A", &ta), ("B", &tb)] {
+        assert!(joined(t) > 0.0, "{name} joined labels of its own cards");
+        assert_eq!(
+            metric(t, "fraudstream_labels_unmatched_total"),
+            0.0,
+            "{name}"
+        );
+        let elsewhere = metric(t, "fraudstream_labels_total{source=\"elsewhere\"}");
+        assert_eq!(elsewhere + joined(t), n as f64, "{name} saw every label");
+    }
+    assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
+    assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
+}
+
+/// A labels topic partitioned unlike the input cannot follow the cards: refused at start-up.
+#[test]
+fn a_labels_topic_with_another_partition_count_is_refused_at_start_up() {
+    let topics = Topics::new();
+    let labels = unique("labels");
+    create_topics(&[&topics.input], 2);
+    create_topics(&[&labels], 1);
+    let serve = Serve::start_for(&topics, &unique("g"), &["--labels-topic", &labels]);
+    let (code, log) = serve.wait(Duration::from_secs(30));
+    assert_ne!(code, 0, "{log}");
+    assert!(log.contains("has 1 partitions but input topic"), "{log}");
 }

@@ -113,6 +113,18 @@ pub struct Ingested {
     pub kind: Ingest,
 }
 
+/// What a label from the labels topic is to this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelUse {
+    /// History read at start-up to restore the label tables: not joined.
+    History,
+    /// A label of a card this instance scores: joined to its score.
+    Live,
+    /// A label of a card another instance scores (its partition is not held here): it feeds
+    /// the tables, the other instance joins it.
+    Elsewhere,
+}
+
 /// The scored decision for one transaction.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -145,6 +157,8 @@ pub struct Detector {
     watermarks: Watermarks,
     /// The window recipe's fingerprint, stamped on changelog records.
     recipe: u64,
+    /// Input partitions held (None: all).
+    held: std::sync::RwLock<Option<std::collections::HashSet<i32>>>,
 }
 
 impl Detector {
@@ -175,6 +189,7 @@ impl Detector {
             recent_ids: RecentIds::default(),
             watermarks: Watermarks::new(settings.time),
             recipe: bundle.window_builder().fingerprint(),
+            held: std::sync::RwLock::new(None),
         }
     }
 
@@ -341,23 +356,41 @@ impl Detector {
     /// label-rate features) and joins it to its score for live quality; a bad label comes back
     /// as the dead letter to publish. A label without `labelled_at` is known from now.
     pub fn label(&self, env: &Envelope) -> Result<Joined, Box<DeadLetter>> {
-        self.label_at(env, true)
+        self.label_at(env, LabelUse::Live)
     }
 
-    /// Like [`Detector::label`]; `live` false for history read at start-up: it feeds the
-    /// tables but is not joined to scores (this process made none for it).
-    pub fn label_at(&self, env: &Envelope, live: bool) -> Result<Joined, Box<DeadLetter>> {
+    /// Which input partitions this instance holds (None: all of them, as in file mode). Labels
+    /// follow the cards: a label from another partition is another instance's to join.
+    pub fn set_held(&self, partitions: Option<std::collections::HashSet<i32>>) {
+        *self.held.write().expect("held lock") = partitions;
+    }
+
+    /// Whether this instance holds input partition `p` (and so joins its labels).
+    pub fn holds(&self, p: i32) -> bool {
+        self.held
+            .read()
+            .expect("held lock")
+            .as_ref()
+            .is_none_or(|h| h.contains(&p))
+    }
+
+    /// Like [`Detector::label`], saying what the label is to this process: history read at
+    /// start-up and labels of cards another instance scores feed the tables but are not joined
+    /// to scores (this process made none for them).
+    pub fn label_at(&self, env: &Envelope, use_: LabelUse) -> Result<Joined, Box<DeadLetter>> {
         match self.spec.parse_label(&env.payload) {
             Ok(label) => {
                 let now = chrono::Utc::now().timestamp_millis();
                 if let Some(event) = label.event(now as f64 / 1000.0) {
                     self.store.label(&event);
                 }
-                if !live {
-                    self.metrics.labels.with_label_values(&["history"]).inc();
-                    return Ok(Joined::Unmatched);
-                }
-                Ok(self.quality.label(&label, now, &self.metrics))
+                let source = match use_ {
+                    LabelUse::Live => return Ok(self.quality.label(&label, now, &self.metrics)),
+                    LabelUse::History => "history",
+                    LabelUse::Elsewhere => "elsewhere",
+                };
+                self.metrics.labels.with_label_values(&[source]).inc();
+                Ok(Joined::Unmatched)
             }
             Err(e) => Err(Box::new(DeadLetter::new(
                 env,

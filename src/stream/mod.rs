@@ -34,7 +34,7 @@ pub use acks::{Ack, Assignment, Delivery, OffsetStore};
 pub use batcher::BatchSettings;
 pub use detector::{
     DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector,
-    DetectorSettings, Ingest, Ingested, Pending, TOP_ATTENTION, spawn_evictor,
+    DetectorSettings, Ingest, Ingested, LabelUse, Pending, TOP_ATTENTION, spawn_evictor,
 };
 pub use ids::{DEDUPE_HORIZON, RecentIds};
 pub use records::{

@@ -205,6 +205,9 @@ impl ConsumerContext for GroupContext {
             .unwrap_or_default();
         // Ready while this member holds partitions.
         self.detector.metrics().set_ready(!assigned.is_empty());
+        // Labels follow the cards: this member joins the labels of the partitions it holds.
+        self.detector
+            .set_held(Some(assigned.iter().map(|(_, p)| *p).collect()));
         *self.held() = assigned;
         if let (Rebalance::Assign(tpl), Some(n)) = (rebalance, &self.on_assigned)
             && tpl.count() > 0

@@ -22,7 +22,7 @@ use super::config::{KafkaSettings, client_config};
 use super::sink::send;
 use super::source::envelope;
 use crate::schema::StateScope;
-use crate::stream::{Detector, Event};
+use crate::stream::{Detector, Event, LabelUse};
 
 /// Labels are not latency-critical: fetch in 100 ms rounds.
 const LABELS_FETCH_WAIT_MS: &str = "100";
@@ -130,7 +130,16 @@ pub fn spawn_labels(
             {
                 ends.remove(&m.partition());
             }
-            if let Err(letter) = detector.label_at(&envelope(&m, 0), !restoring) {
+            // Labels are keyed by card, partitioned like the input: a label of a partition
+            // another member holds is that member's to join.
+            let use_ = if restoring {
+                LabelUse::History
+            } else if detector.holds(m.partition()) {
+                LabelUse::Live
+            } else {
+                LabelUse::Elsewhere
+            };
+            if let Err(letter) = detector.label_at(&envelope(&m, 0), use_) {
                 Event::LabelDeadLettered(&letter).emit(detector.metrics());
                 if let Some(dlq) = &dead_letter_topic {
                     let payload = serde_json::to_string(&*letter).expect("dead letter serialises");

@@ -44,8 +44,8 @@ pub async fn run_kafka(
     let assignment = Arc::new(Assignment::default());
     let mut context =
         GroupContext::new(detector.clone(), assignment.clone(), s.on_assigned.clone());
+    check_partitions(&s).await?;
     if let Some(topic) = &s.changelog_topic {
-        check_partitions(&s, topic).await?;
         let config = config::client_config(
             &s.brokers,
             &s.extra,
@@ -87,39 +87,61 @@ pub async fn run_kafka(
 /// How long start-up metadata requests may take.
 const METADATA_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The changelog must exist with the input's partition count: a card's state lives in the
-/// changelog partition of its input partition.
-async fn check_partitions(s: &KafkaSettings, changelog: &str) -> Result<(), StreamError> {
+/// Topics keyed by card must have the input's partition count: a card's state lives in its input
+/// partition's changelog partition, and its labels in the same partition of the labels topic.
+/// A missing changelog is an error; a missing labels topic is waited for (see `labels`).
+async fn check_partitions(s: &KafkaSettings) -> Result<(), StreamError> {
+    use rdkafka::producer::Producer;
     let config = config::client_config(&s.brokers, &s.extra, &[]);
-    let (input, changelog) = (s.input_topic.clone(), changelog.to_string());
+    let (input, changelog, labels) = (
+        s.input_topic.clone(),
+        s.changelog_topic.clone(),
+        s.labels_topic.clone(),
+    );
+    if changelog.is_none() && labels.is_none() {
+        return Ok(());
+    }
     tokio::task::spawn_blocking(move || {
-        use rdkafka::producer::Producer;
         let client: rdkafka::producer::BaseProducer = config.create().map_err(setup)?;
-        let count = |topic: &str| -> Result<usize, StreamError> {
+        let count = |topic: &str| -> Result<Option<usize>, StreamError> {
             let meta = client
                 .client()
                 .fetch_metadata(Some(topic), METADATA_TIMEOUT)
                 .map_err(|e| setup(format!("metadata of topic {topic}: {e}")))?;
             let t = meta.topics().iter().find(|t| t.name() == topic);
-            match t {
+            Ok(match t {
                 Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    Ok(t.partitions().len())
+                    Some(t.partitions().len())
                 }
-                _ => Err(setup(format!("topic {topic} does not exist"))),
-            }
+                _ => None,
+            })
         };
-        let n = count(&input)?;
-        let m = count(&changelog).map_err(|e| {
+        let n = count(&input)?.ok_or_else(|| setup(format!("topic {input} does not exist")))?;
+        let mismatch = |topic: &str, m: usize, why: &str| {
             setup(format!(
-                "{e}: create the changelog topic with {n} partitions (the input's) and \
-                 cleanup.policy=compact (see deploy/)"
+                "{topic} has {m} partitions but input topic {input} has {n}: they must match \
+                 ({why})"
             ))
-        })?;
-        if n != m {
-            return Err(setup(format!(
-                "changelog topic {changelog} has {m} partitions but input topic {input} has {n}: \
-                 they must match (a card's state lives in its input partition's changelog partition)"
-            )));
+        };
+        if let Some(topic) = &changelog {
+            let m = count(topic)?.ok_or_else(|| {
+                setup(format!(
+                    "changelog topic {topic} does not exist: create it with {n} partitions (the \
+                     input's) and cleanup.policy=compact (see deploy/)"
+                ))
+            })?;
+            if m != n {
+                let why = "a card's state lives in its input partition's changelog partition";
+                return Err(mismatch(&format!("changelog topic {topic}"), m, why));
+            }
+        }
+        if let Some(topic) = &labels
+            && let Some(m) = count(topic)?
+            && m != n
+        {
+            let why = "labels are keyed by card, and each member joins the labels of the \
+                       partitions it holds";
+            return Err(mismatch(&format!("labels topic {topic}"), m, why));
         }
         Ok(())
     })
