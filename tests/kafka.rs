@@ -677,3 +677,74 @@ fn sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout() {
     assert_eq!(code, 2, "{log}");
     assert!(log.contains("shutdown timed out after 3s"), "{log}");
 }
+
+/// How many partitions each "partitions revoked" / "partitions assigned" line of a log names.
+fn rebalance_lines(log: &str, what: &str) -> Vec<usize> {
+    log.lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| l.split("partitions=").nth(1))
+        .map(|n| n.split_whitespace().next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// Rebalances are cooperative: a member joining takes only its share, and the member already
+/// there gives up just that share (never all of its partitions, whose cards it keeps).
+#[test]
+fn rebalances_are_cooperative() {
+    let topics = Topics::new();
+    create_topics(&[&topics.input], 4);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    let group = unique("coop");
+    let a = Serve::start_for(&topics, &group, &[]);
+    a.wait_ready(Duration::from_secs(60));
+    let b = Serve::start_for(&topics, &group, &[]);
+    b.wait_ready(Duration::from_secs(60));
+    common::wait_until(Duration::from_secs(30), "A gives B its share", || {
+        (!rebalance_lines(&a.log(), "partitions revoked").is_empty()).then_some(())
+    });
+    let (log_a, log_b) = (a.log(), b.log());
+    assert_eq!(rebalance_lines(&log_a, "partitions revoked"), [2], "{log_a}");
+    let assigned_b: usize = rebalance_lines(&log_b, "partitions assigned").iter().sum();
+    assert_eq!(assigned_b, 2, "{log_b}");
+    assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
+    assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
+}
+
+/// Membership is static: a member restarted with the same `--instance-id` within the session
+/// timeout gets its partitions back without the other member noticing. (With the eager
+/// strategy: the test broker does not finish a cooperative rebalance for static members.)
+#[test]
+fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
+    let topics = Topics::new();
+    create_topics(&[&topics.input], 4);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    let group = unique("static");
+    let member = |id: &'static str| {
+        let flags = ["--instance-id", id, "--kafka", "partition.assignment.strategy=range"];
+        Serve::start_for(&topics, &group, &flags)
+    };
+    let a = member("member-a");
+    a.wait_ready(Duration::from_secs(60));
+    let b = member("member-b");
+    b.wait_ready(Duration::from_secs(60));
+    let settled = |s: &Serve| {
+        let assigned = rebalance_lines(&s.log(), "partitions assigned");
+        (assigned.last() == Some(&2)).then_some(())
+    };
+    common::wait_until(Duration::from_secs(30), "A holds 2", || settled(&a));
+    let log_a = a.log();
+    let (code, log_b) = b.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log_b}");
+    let b = member("member-b");
+    b.wait_ready(Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let after = a.log();
+    assert_eq!(
+        rebalance_lines(&after, "partitions").len(),
+        rebalance_lines(&log_a, "partitions").len(),
+        "A saw no rebalance while B restarted:\n{after}"
+    );
+    assert_eq!(rebalance_lines(&b.log(), "partitions assigned"), [2], "{}", b.log());
+    assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
+    assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
+}

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Kafka consumer group.
     #[arg(long, default_value = "fraudstream")]
     pub group: String,
+    /// Static group membership: this member's stable `group.instance.id` (e.g. the pod name).
+    /// A member restarted within the session timeout gets its partitions back without a
+    /// rebalance, so the others are not disturbed and its cards need no restore elsewhere.
+    #[arg(long, env = "FRAUDSTREAM_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     /// Kafka topic of transactions (JSON).
     #[arg(long, default_value = "transactions")]
     pub input_topic: String,
@@ -279,6 +284,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 dead_letter_topic: args.dead_letter_topic,
                 labels_topic: args.labels_topic,
                 changelog_topic: args.changelog_topic,
+                instance_id: args.instance_id,
                 extra: args.kafka,
                 batch,
                 on_assigned: None,

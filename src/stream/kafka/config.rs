@@ -27,6 +27,9 @@ pub struct KafkaSettings {
     pub labels_topic: Option<String>,
     /// Card-state changelog (compacted, partitioned like the input; see [`crate::state`]).
     pub changelog_topic: Option<String>,
+    /// Static group membership (`group.instance.id`): a member that comes back within the
+    /// session timeout gets its partitions back without a rebalance.
+    pub instance_id: Option<String>,
     /// librdkafka settings applied last (SASL, TLS, timeouts).
     pub extra: Vec<(String, String)>,
     /// Micro-batching.
@@ -47,6 +50,7 @@ impl KafkaSettings {
             dead_letter_topic: None,
             labels_topic: None,
             changelog_topic: None,
+            instance_id: None,
             extra: vec![],
             batch: BatchSettings::default(),
             on_assigned: None,
@@ -60,6 +64,10 @@ pub const FETCH_WAIT_MAX_MS: &str = "20";
 /// librdkafka statistics (consumer lag, broker state) every 5 s: the lag gauge's resolution,
 /// cheap for the client.
 pub const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// Cooperative incremental rebalancing: a member joining or leaving moves only the partitions
+/// that change owner; the others keep being consumed (and keep their cards) throughout.
+pub const ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
 /// The producer waits up to 2 ms to fill a batch: a small share of the latency budget that
 /// still batches under load.
 pub const PRODUCER_LINGER_MS: &str = "2";
@@ -111,19 +119,22 @@ pub fn client_config(
 /// The consumer group's config: at-least-once offsets (stored by the acknowledger, committed
 /// by librdkafka), low fetch wait, statistics for lag and reachability.
 pub fn consumer_config(s: &KafkaSettings) -> ClientConfig {
-    client_config(
-        &s.brokers,
-        &s.extra,
-        &[
-            ("group.id", &s.group),
-            ("enable.auto.commit", "true"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "false"),
-            ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
-            ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
-        ],
-    )
+    let instance = s.instance_id.as_deref();
+    let static_membership = instance.map(|id| ("group.instance.id", id));
+    let defaults: Vec<(&str, &str)> = [
+        ("group.id", s.group.as_str()),
+        ("partition.assignment.strategy", ASSIGNMENT_STRATEGY),
+        ("enable.auto.commit", "true"),
+        ("enable.auto.offset.store", "false"),
+        ("auto.offset.reset", "earliest"),
+        ("enable.partition.eof", "false"),
+        ("fetch.wait.max.ms", FETCH_WAIT_MAX_MS),
+        ("statistics.interval.ms", STATISTICS_INTERVAL_MS),
+    ]
+    .into_iter()
+    .chain(static_membership)
+    .collect();
+    client_config(&s.brokers, &s.extra, &defaults)
 }
 
 /// The producer's config: idempotent, acknowledged by all in-sync replicas.
