@@ -703,7 +703,11 @@ fn rebalances_are_cooperative() {
         (!rebalance_lines(&a.log(), "partitions revoked").is_empty()).then_some(())
     });
     let (log_a, log_b) = (a.log(), b.log());
-    assert_eq!(rebalance_lines(&log_a, "partitions revoked"), [2], "{log_a}");
+    assert_eq!(
+        rebalance_lines(&log_a, "partitions revoked"),
+        [2],
+        "{log_a}"
+    );
     let assigned_b: usize = rebalance_lines(&log_b, "partitions assigned").iter().sum();
     assert_eq!(assigned_b, 2, "{log_b}");
     assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
@@ -720,7 +724,12 @@ fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
     create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
     let group = unique("static");
     let member = |id: &'static str| {
-        let flags = ["--instance-id", id, "--kafka", "partition.assignment.strategy=range"];
+        let flags = [
+            "--instance-id",
+            id,
+            "--kafka",
+            "partition.assignment.strategy=range",
+        ];
         Serve::start_for(&topics, &group, &flags)
     };
     let a = member("member-a");
@@ -744,7 +753,12 @@ fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
         rebalance_lines(&log_a, "partitions").len(),
         "A saw no rebalance while B restarted:\n{after}"
     );
-    assert_eq!(rebalance_lines(&b.log(), "partitions assigned"), [2], "{}", b.log());
+    assert_eq!(
+        rebalance_lines(&b.log(), "partitions assigned"),
+        [2],
+        "{}",
+        b.log()
+    );
     assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
     assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
 }

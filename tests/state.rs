@@ -140,8 +140,9 @@ fn a_detector_killed_mid_stream_restores_its_cards_and_scores_like_an_uninterrup
     assert!(metric(&metrics, "fraudstream_changelog_records_total") > 0.0);
 }
 
-/// A second member joins at about 40% of the stream: the partitions it takes over keep their
-/// cards (restored from the changelog), so every score equals the uninterrupted run's.
+/// A second member joins after 40% of the stream: the partitions it takes over keep their cards
+/// (restored from the changelog the first member wrote), so every score equals the
+/// uninterrupted run's.
 #[test]
 fn a_member_joining_mid_stream_restores_the_cards_of_the_partitions_it_takes() {
     let dir = tempfile::tempdir().unwrap();
@@ -152,17 +153,26 @@ fn a_member_joining_mid_stream_restores_the_cards_of_the_partitions_it_takes() {
     );
     let reference = reference_scores(dir.path(), &file);
     let total = reference.len();
+    let text_of = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text_of.lines().collect();
+    let first = lines.len() * 2 / 5;
+    let (head, tail) = (dir.path().join("head.jsonl"), dir.path().join("tail.jsonl"));
+    std::fs::write(&head, lines[..first].join("\n")).unwrap();
+    std::fs::write(&tail, lines[first..].join("\n")).unwrap();
     let topics = Topics::new();
     let changelog = unique("changelog");
     create_topics(&[&topics.input, &changelog], 4);
     create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    replay(&file, &topics.input);
+    replay(&head, &topics.input);
     let group = unique("group");
     let flags = ["--changelog-topic", changelog.as_str()];
     let a = Serve::start_for(&topics, &group, &flags);
-    let at = (total * 2 / 5) as f64;
-    a.wait_metrics(Duration::from_secs(120), "40% scored", |t| scored(t) >= at);
+    a.wait_metrics(Duration::from_secs(120), "the first 40% scored", |t| {
+        scored(t) >= first as f64
+    });
     let b = Serve::start_for(&topics, &group, &flags);
+    b.wait_ready(Duration::from_secs(60));
+    replay(&tail, &topics.input);
     let mut reader = TopicReader::new(&topics.scores);
     common::wait_until(Duration::from_secs(120), "every transaction scored", || {
         (reader.drain(Duration::from_millis(300)) >= total).then_some(())
@@ -189,9 +199,88 @@ fn a_member_joining_mid_stream_restores_the_cards_of_the_partitions_it_takes() {
     );
     let restored = metric(&metrics_b, "fraudstream_state_restored_cards_total");
     assert!(
-        restored > 0.0,
-        "B restored the cards of the partitions it took:\n{log_b}"
+        restored >= 50.0,
+        "B restored the cards of the partitions it took: {restored}\n{log_b}"
     );
+}
+
+/// Exactly-once: outputs, changelog records and offsets in one transaction. SIGKILL at 40%
+/// leaves a transaction open; the restarted member (same `--instance-id`, so the same
+/// transactional id) aborts it, restores the committed card states and reads from the committed
+/// offsets: a `read_committed` reader sees every transaction's score and alert exactly once, each
+/// equal to the uninterrupted run's.
+#[test]
+fn exactly_once_outputs_each_score_once_across_a_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "30", "--cards", "200"],
+    );
+    let reference = reference_scores(dir.path(), &file);
+    let total = reference.len();
+    let topics = Topics::new();
+    let changelog = unique("changelog");
+    create_topics(&[&topics.input, &changelog], 2);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    replay(&file, &topics.input);
+    let group = unique("group");
+    let flags = [
+        "--changelog-topic",
+        changelog.as_str(),
+        "--exactly-once",
+        "--instance-id",
+        "member-1",
+    ];
+    let a = Serve::start_for(&topics, &group, &flags);
+    let at = (total * 2 / 5) as f64;
+    a.wait_metrics(Duration::from_secs(120), "40% scored", |t| scored(t) >= at);
+    let log_a = a.kill();
+    assert!(log_a.contains("exactly-once"), "{log_a}");
+
+    let b = Serve::start_for(&topics, &group, &flags);
+    let mut reader = TopicReader::new(&topics.scores);
+    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
+        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
+    });
+    let (code, log_b) = b.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log_b}");
+    // Read to the end only now: an output committed twice would show as a longer result.
+    let records = read_all(&topics.scores);
+    let mut seen = HashMap::new();
+    for (_, _, v) in &records {
+        *seen.entry(text(&v["transaction_id"])).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} scored twice, e.g. {:?}\n{log_b}",
+        twice.len(),
+        &twice[..twice.len().min(3)]
+    );
+    assert_eq!(
+        records.len(),
+        total,
+        "every transaction scored once\n{log_b}"
+    );
+    let wrong = differing(&records, &reference);
+    assert!(
+        wrong.is_empty(),
+        "{} score records differ from the uninterrupted run, e.g. {:?}\n{log_b}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    let alerts = read_all(&topics.alerts);
+    let alert_ids: std::collections::HashSet<String> = alerts
+        .iter()
+        .map(|(_, _, v)| text(&v["transaction_id"]))
+        .collect();
+    assert_eq!(alert_ids.len(), alerts.len(), "each alert once");
+    let alerted = records
+        .iter()
+        .filter(|(_, _, v)| v["alert"] == true)
+        .count();
+    assert_eq!(alerts.len(), alerted, "an alert for every alerting score");
 }
 
 /// A changelog topic whose partition count differs from the input's is refused at start-up with

@@ -49,6 +49,9 @@ pub struct BenchArgs {
     /// Write each card's state to a changelog topic during the end-to-end run (its cost).
     #[arg(long)]
     pub changelog: bool,
+    /// Run the end-to-end part exactly-once (Kafka transactions; its cost).
+    #[arg(long)]
+    pub exactly_once: bool,
     /// Restore this many cards (each with a full window) from a changelog topic and time it
     /// (0: skip).
     #[arg(long, default_value_t = 100_000)]
@@ -205,6 +208,9 @@ fn end_to_end(
             KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
         settings.on_assigned = Some(assigned);
         settings.changelog_topic = args.changelog.then(|| changelog.clone());
+        settings.exactly_once = args
+            .exactly_once
+            .then_some(crate::stream::kafka::DEFAULT_TRANSACTION_INTERVAL);
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
         let stats = run_kafka(
@@ -268,6 +274,7 @@ fn end_to_end(
             ),
             ("end_to_end_broker", json!(broker_kind)),
             ("end_to_end_rate_limit_per_s", json!(args.rate)),
+            ("end_to_end_exactly_once", json!(args.exactly_once)),
             ("transactions", json!(transactions)),
         ],
     ]

@@ -15,7 +15,7 @@ use crate::model::Bundle;
 use crate::observe::{Metrics, QualitySettings, spawn_server};
 use crate::schema::{Format, Span, StateScope};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
-use crate::stream::kafka::{KafkaSettings, run_kafka};
+use crate::stream::kafka::{DEFAULT_TRANSACTION_INTERVAL, KafkaSettings, run_kafka};
 use crate::stream::{
     BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_FUTURE_SKEW,
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAST_AGE, Detector, DetectorSettings, TimeLimits,
@@ -41,6 +41,15 @@ pub struct ServeArgs {
     /// rebalance, so the others are not disturbed and its cards need no restore elsewhere.
     #[arg(long, env = "FRAUDSTREAM_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Exactly-once: alerts, scores, dead letters and changelog records, and the input offsets
+    /// they consumed, are written in one Kafka transaction (readers of the output topics with
+    /// isolation.level=read_committed see each output once, even across a crash). Default:
+    /// at-least-once.
+    #[arg(long, conflicts_with = "input")]
+    pub exactly_once: bool,
+    /// Exactly-once: commit a transaction at least this often (milliseconds); also when idle.
+    #[arg(long, default_value_t = DEFAULT_TRANSACTION_INTERVAL.as_millis() as u64)]
+    pub transaction_interval_ms: u64,
     /// Kafka topic of transactions (JSON).
     #[arg(long, default_value = "transactions")]
     pub input_topic: String,
@@ -285,6 +294,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 labels_topic: args.labels_topic,
                 changelog_topic: args.changelog_topic,
                 instance_id: args.instance_id,
+                exactly_once: args
+                    .exactly_once
+                    .then(|| Duration::from_millis(args.transaction_interval_ms)),
                 extra: args.kafka,
                 batch,
                 on_assigned: None,

@@ -14,11 +14,9 @@ use crate::features::{CardState, WindowBuilder};
 
 /// How long a restore may take before it gives up (100,000 cards take a few seconds).
 pub const RESTORE_DEADLINE: Duration = Duration::from_secs(60);
-/// After the partitions' end offsets are reached, the restore waits this long for nothing more
-/// (some brokers report a high watermark short of the last batch).
+/// After the partitions' ends are reached, the restore waits this long for nothing more (some
+/// brokers report an end short of the last batch).
 const RESTORE_QUIET: Duration = Duration::from_millis(300);
-/// Metadata and watermark requests.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a restore failed.
 #[derive(Debug, Error)]
@@ -123,6 +121,20 @@ impl Fold {
     }
 }
 
+/// The restore consumer's context: the end of a partition is how a restore knows it is done,
+/// not an error worth a log line.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_)) {
+            tracing::warn!("changelog restore: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// Reads changelog partitions for a restore.
 #[derive(Clone)]
 pub struct Restorer {
@@ -144,7 +156,8 @@ impl Restorer {
     pub fn new(mut config: ClientConfig, topic: &str) -> Self {
         config
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
+            .set("enable.partition.eof", "true")
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest");
         Restorer {
             config,
@@ -169,43 +182,38 @@ impl Restorer {
             topic: self.topic.clone(),
             error,
         };
-        let consumer: BaseConsumer = self.config.create().map_err(kafka)?;
+        let consumer: BaseConsumer<QuietEof> =
+            self.config.create_with_context(QuietEof).map_err(kafka)?;
         let mut tpl = TopicPartitionList::new();
-        let mut ends = HashMap::new();
         let mut folds = HashMap::new();
         for &(p, committed) in partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(&self.topic, p, REQUEST_TIMEOUT)
-                .map_err(kafka)?;
-            tracing::debug!(topic = %self.topic, partition = p, low, high, ?committed, "restoring");
-            if high > low {
-                ends.insert(p, high);
-            }
             tpl.add_partition_offset(&self.topic, p, Offset::Beginning)
                 .map_err(kafka)?;
             folds.insert(p, fold(committed));
         }
         consumer.assign(&tpl).map_err(kafka)?;
+        // A partition is read once the consumer reports its end (for read_committed, the last
+        // stable offset: records of aborted transactions are skipped, an open one is waited
+        // for); then nothing more may come for RESTORE_QUIET.
+        let mut reading: std::collections::HashSet<i32> = folds.keys().copied().collect();
         let mut last = Instant::now();
-        while !(ends.is_empty() && last.elapsed() >= RESTORE_QUIET) {
+        while !(reading.is_empty() && last.elapsed() >= RESTORE_QUIET) {
             if began.elapsed() > RESTORE_DEADLINE {
                 return Err(RestoreError::Deadline {
                     topic: self.topic.clone(),
                 });
             }
-            let Some(m) = consumer.poll(Duration::from_millis(100)) else {
-                continue;
+            let m = match consumer.poll(Duration::from_millis(50)) {
+                None => continue,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    reading.remove(&p);
+                    continue;
+                }
+                Some(m) => m.map_err(kafka)?,
             };
-            let m = m.map_err(kafka)?;
             last = Instant::now();
             if let Some(f) = folds.get_mut(&m.partition()) {
                 f.add(m.key(), m.payload());
-            }
-            if ends
-                .get(&m.partition())
-                .is_some_and(|&e| m.offset() + 1 >= e)
-            {
-                ends.remove(&m.partition());
             }
         }
         let mut stats = RestoreStats::default();

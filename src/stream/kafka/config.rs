@@ -30,6 +30,9 @@ pub struct KafkaSettings {
     /// Static group membership (`group.instance.id`): a member that comes back within the
     /// session timeout gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
+    /// Exactly-once: outputs and consumed offsets in one Kafka transaction (see `txn`); None:
+    /// at-least-once. The duration is how long a transaction stays open at most.
+    pub exactly_once: Option<std::time::Duration>,
     /// librdkafka settings applied last (SASL, TLS, timeouts).
     pub extra: Vec<(String, String)>,
     /// Micro-batching.
@@ -51,6 +54,7 @@ impl KafkaSettings {
             labels_topic: None,
             changelog_topic: None,
             instance_id: None,
+            exactly_once: None,
             extra: vec![],
             batch: BatchSettings::default(),
             on_assigned: None,
@@ -124,7 +128,15 @@ pub fn consumer_config(s: &KafkaSettings) -> ClientConfig {
     let defaults: Vec<(&str, &str)> = [
         ("group.id", s.group.as_str()),
         ("partition.assignment.strategy", ASSIGNMENT_STRATEGY),
-        ("enable.auto.commit", "true"),
+        // Exactly-once commits offsets in its transactions, never on its own.
+        (
+            "enable.auto.commit",
+            if s.exactly_once.is_some() {
+                "false"
+            } else {
+                "true"
+            },
+        ),
         ("enable.auto.offset.store", "false"),
         ("auto.offset.reset", "earliest"),
         ("enable.partition.eof", "false"),
@@ -137,17 +149,38 @@ pub fn consumer_config(s: &KafkaSettings) -> ClientConfig {
     client_config(&s.brokers, &s.extra, &defaults)
 }
 
-/// The producer's config: idempotent, acknowledged by all in-sync replicas.
+/// The producer's config: idempotent, acknowledged by all in-sync replicas; with exactly-once,
+/// transactional, its id stable per member (`{group}-{instance id}`) so that a restarted member
+/// fences its previous incarnation and aborts what it left open.
 pub fn producer_config(s: &KafkaSettings) -> ClientConfig {
-    client_config(
-        &s.brokers,
-        &s.extra,
-        &[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", PRODUCER_LINGER_MS),
-        ],
-    )
+    let mut defaults = vec![
+        ("enable.idempotence", "true".to_string()),
+        ("acks", "all".to_string()),
+        ("linger.ms", PRODUCER_LINGER_MS.to_string()),
+    ];
+    if s.exactly_once.is_some() {
+        defaults.push(("transactional.id", transactional_id(s)));
+        defaults.push((
+            "transaction.timeout.ms",
+            super::txn::TRANSACTION_TIMEOUT_MS.to_string(),
+        ));
+    }
+    let defaults: Vec<(&str, &str)> = defaults.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    client_config(&s.brokers, &s.extra, &defaults)
+}
+
+/// The member's transactional id: `{group}-{instance id}`, or without `--instance-id` one of
+/// this process alone (a killed process's open transaction then ends by the broker's timeout).
+pub fn transactional_id(s: &KafkaSettings) -> String {
+    match &s.instance_id {
+        Some(id) => format!("{}-{id}", s.group),
+        None => {
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("{}-p{}-{started}", s.group, std::process::id())
+        }
+    }
 }
 
 #[cfg(test)]

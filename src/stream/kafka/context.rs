@@ -9,6 +9,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 
+use super::txn::Transactor;
 use crate::state::Restorer;
 use crate::stream::{Assignment, Detector};
 
@@ -29,6 +30,8 @@ pub struct GroupContext {
     on_assigned: Option<Arc<tokio::sync::Notify>>,
     /// Restores newly assigned partitions' cards from the changelog.
     restorer: Option<Restorer>,
+    /// Exactly-once: the transaction is committed before partitions are given up.
+    transactor: Option<Arc<Transactor>>,
 }
 
 impl GroupContext {
@@ -44,7 +47,15 @@ impl GroupContext {
             held: Mutex::default(),
             on_assigned,
             restorer: None,
+            transactor: None,
         }
+    }
+
+    /// Exactly-once: commit the open transaction (outputs and offsets) when partitions are
+    /// revoked, instead of committing consumer offsets.
+    pub fn with_transactor(mut self, transactor: Arc<Transactor>) -> Self {
+        self.transactor = Some(transactor);
+        self
     }
 
     /// Restores the cards of assigned partitions from the changelog before their records are
@@ -177,8 +188,20 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 self.revoke(tpl);
-                if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                    tracing::debug!("commit on revoke: {e}");
+                match (&self.transactor, consumer.group_metadata()) {
+                    (Some(t), Some(group)) => {
+                        if let Err(e) = t.commit(&group) {
+                            // Fenced or failed: this member must not go on (a zombie); its
+                            // partitions' next owner resumes from the last committed transaction.
+                            eprintln!("error: exactly-once: {e}");
+                            std::process::exit(3);
+                        }
+                    }
+                    _ => {
+                        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                            tracing::debug!("commit on revoke: {e}");
+                        }
+                    }
                 }
             }
             Rebalance::Assign(tpl) => {

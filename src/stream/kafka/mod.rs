@@ -10,6 +10,7 @@ mod labels;
 mod produce;
 mod sink;
 mod source;
+mod txn;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub use context::{GroupContext, REVOKE_DRAIN_WAIT};
 pub use produce::{InFlight, MAX_IN_FLIGHT, Pacer};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
+pub use txn::{DEFAULT_TRANSACTION_INTERVAL, TRANSACTION_TIMEOUT_MS, Transactor};
 
 use crate::state::Restorer;
 use crate::stream::{Assignment, Detector, RunStats, StreamError};
@@ -53,21 +55,50 @@ pub async fn run_kafka(
         );
         context = context.with_restorer(Restorer::new(config, topic));
     }
+    let producer: FutureProducer = config::producer_config(&s).create().map_err(setup)?;
+    let transactor = match s.exactly_once {
+        Some(interval) => {
+            let p = producer.clone();
+            let t = tokio::task::spawn_blocking(move || Transactor::new(p, interval))
+                .await
+                .map_err(StreamError::Task)?
+                .map_err(setup)?;
+            tracing::info!(
+                transactional_id = %config::transactional_id(&s),
+                interval_ms = interval.as_millis() as u64,
+                "exactly-once: outputs and offsets in one transaction"
+            );
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    if let Some(t) = &transactor {
+        context = context.with_transactor(t.clone());
+    }
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
         config::consumer_config(&s)
             .create_with_context(context)
             .map_err(setup)?,
     );
     consumer.subscribe(&[&s.input_topic]).map_err(setup)?;
-    let producer: FutureProducer = config::producer_config(&s).create().map_err(setup)?;
+    // Dead letters of labels carry no offsets: outside any transaction.
+    let label_producer = if transactor.is_some() {
+        let plain = KafkaSettings {
+            exactly_once: None,
+            ..s.clone()
+        };
+        config::producer_config(&plain).create().map_err(setup)?
+    } else {
+        producer.clone()
+    };
     let labels = match &s.labels_topic {
-        Some(topic) => Some(
-            labels::spawn_labels(detector.clone(), &s, topic, producer.clone()).map_err(setup)?,
-        ),
+        Some(topic) => {
+            Some(labels::spawn_labels(detector.clone(), &s, topic, label_producer).map_err(setup)?)
+        }
         None => None,
     };
     let restored = labels.as_ref().map(|l| l.restored.clone());
-    let source = KafkaSource::new(consumer, assignment, restored);
+    let source = KafkaSource::new(consumer.clone(), assignment, restored, transactor.is_some());
     let mut sink = KafkaSink::new(
         producer,
         s.alerts_topic.clone(),
@@ -76,6 +107,9 @@ pub async fn run_kafka(
     );
     if let Some(topic) = &s.changelog_topic {
         sink = sink.with_changelog(topic.clone(), detector.metrics().clone());
+    }
+    if let Some(t) = transactor {
+        sink = sink.with_transactions(t, consumer);
     }
     let stats = crate::stream::run(detector, source, sink, s.batch, shutdown, progress).await;
     if let Some(l) = labels {

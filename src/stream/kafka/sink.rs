@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use rdkafka::consumer::{Consumer, StreamConsumer};
+
+use super::context::GroupContext;
+use super::txn::Transactor;
 use crate::observe::Metrics;
 use crate::stream::acks::{Ack, ready};
 use crate::stream::{Settled, Sink, StreamError};
@@ -20,6 +24,23 @@ pub struct KafkaSink {
     scores: Option<String>,
     dead_letters: Option<String>,
     changelog: Option<(String, Arc<Metrics>)>,
+    exactly_once: Option<ExactlyOnce>,
+}
+
+/// The transactions of exactly-once mode, and the consumer whose offsets they commit.
+struct ExactlyOnce {
+    transactor: Arc<Transactor>,
+    consumer: Arc<StreamConsumer<GroupContext>>,
+}
+
+impl ExactlyOnce {
+    /// Commits the open transaction (blocking the publishing task, not the runtime).
+    fn commit(&self) -> Result<(), StreamError> {
+        let group = self.consumer.group_metadata().ok_or_else(|| {
+            StreamError::Sink("exactly-once: the consumer has no group metadata".into())
+        })?;
+        tokio::task::block_in_place(|| self.transactor.commit(&group)).map_err(StreamError::Sink)
+    }
 }
 
 impl KafkaSink {
@@ -36,7 +57,22 @@ impl KafkaSink {
             scores,
             dead_letters,
             changelog: None,
+            exactly_once: None,
         }
+    }
+
+    /// Exactly-once: every message's outputs go into `transactor`'s transactions, which commit
+    /// the message's offset for `consumer`'s group.
+    pub fn with_transactions(
+        mut self,
+        transactor: Arc<Transactor>,
+        consumer: Arc<StreamConsumer<GroupContext>>,
+    ) -> Self {
+        self.exactly_once = Some(ExactlyOnce {
+            transactor,
+            consumer,
+        });
+        self
     }
 
     /// Also writes card states to the changelog `topic`, counting them in `metrics`.
@@ -86,6 +122,39 @@ impl Sink for KafkaSink {
     }
 
     fn publish(&mut self, s: &Settled) -> Result<Vec<Ack>, StreamError> {
+        let Some(eos) = &self.exactly_once else {
+            return Ok(self.records(s));
+        };
+        let acks = eos
+            .transactor
+            .within(&s.origin, || Ok::<_, String>(self.records(s)))
+            .map_err(StreamError::Sink)?;
+        if eos.transactor.due() {
+            eos.commit()?;
+        }
+        Ok(acks)
+    }
+
+    fn idle(&mut self) -> Result<(), StreamError> {
+        match &self.exactly_once {
+            Some(eos) => eos.commit(),
+            None => Ok(()),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), StreamError> {
+        if let Some(eos) = &self.exactly_once {
+            eos.commit()?;
+        }
+        self.producer
+            .flush(FLUSH_TIMEOUT)
+            .map_err(|e| StreamError::Sink(format!("flushing the producer: {e}")))
+    }
+}
+
+impl KafkaSink {
+    /// Hands one message's records to the producer.
+    fn records(&self, s: &Settled) -> Vec<Ack> {
         let mut acks = Vec::new();
         let key = s.card_id.as_deref();
         if let Some(a) = &s.alert {
@@ -105,13 +174,7 @@ impl Sink for KafkaSink {
             m.changelog_records.inc();
             m.changelog_bytes.inc_by(state.len() as u64);
         }
-        Ok(acks)
-    }
-
-    async fn flush(&mut self) -> Result<(), StreamError> {
-        self.producer
-            .flush(FLUSH_TIMEOUT)
-            .map_err(|e| StreamError::Sink(format!("flushing the producer: {e}")))
+        acks
     }
 }
 

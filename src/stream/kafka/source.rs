@@ -16,6 +16,8 @@ pub struct KafkaSource {
     assignment: Arc<Assignment>,
     /// Until this says true, nothing is consumed (label tables are being restored).
     restored: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Exactly-once: offsets are committed by the transactions, never stored or committed here.
+    transactional: bool,
 }
 
 impl KafkaSource {
@@ -25,11 +27,13 @@ impl KafkaSource {
         consumer: Arc<StreamConsumer<GroupContext>>,
         assignment: Arc<Assignment>,
         restored: Option<tokio::sync::watch::Receiver<bool>>,
+        transactional: bool,
     ) -> Self {
         KafkaSource {
             consumer,
             assignment,
             restored,
+            transactional,
         }
     }
 }
@@ -65,7 +69,11 @@ impl Source for KafkaSource {
     }
 
     fn offsets(&self) -> Arc<dyn OffsetStore> {
-        Arc::new(Offsets(self.consumer.clone()))
+        if self.transactional {
+            Arc::new(InTransactions)
+        } else {
+            Arc::new(Offsets(self.consumer.clone()))
+        }
     }
 
     fn assignment(&self) -> Arc<Assignment> {
@@ -97,6 +105,15 @@ impl Source for KafkaSource {
 /// librdkafka's offset store: stored offsets are committed by the auto-commit timer, on
 /// revocation and at shutdown.
 struct Offsets(Arc<StreamConsumer<GroupContext>>);
+
+/// Exactly-once: the transaction that carries a message's outputs commits its offset.
+struct InTransactions;
+
+impl OffsetStore for InTransactions {
+    fn store(&self, _: &crate::stream::Origin) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 impl OffsetStore for Offsets {
     fn store(&self, o: &crate::stream::Origin) -> Result<(), String> {
