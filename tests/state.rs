@@ -300,3 +300,135 @@ fn a_changelog_with_another_partition_count_is_refused_at_start_up() {
     assert_ne!(code, 0, "{log}");
     assert!(log.contains("has 3 partitions but input topic"), "{log}");
 }
+
+/// The broker unreachable for longer than the session timeout (every connection cut by a proxy,
+/// the broker's data kept) and back: the detector reports it (`/readyz` 503,
+/// `fraudstream_broker_up` 0), loses its partitions, and once the broker is back gets them
+/// again, restores their cards from the changelog and scores everything that came meanwhile and
+/// after, each score equal to the uninterrupted run's; then it shuts down cleanly.
+#[test]
+fn a_broker_outage_keeps_the_cards_and_loses_nothing() {
+    use common::proxy::Proxy;
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "20", "--cards", "150"],
+    );
+    let reference = reference_scores(dir.path(), &file);
+    let total = reference.len();
+    let text_of = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text_of.lines().collect();
+    let first = lines.len() / 2;
+    let (head, tail) = (dir.path().join("head.jsonl"), dir.path().join("tail.jsonl"));
+    std::fs::write(&head, lines[..first].join("\n")).unwrap();
+    std::fs::write(&tail, lines[first..].join("\n")).unwrap();
+
+    let port = common::free_port();
+    let (mut tansu, real) = common::broker::own_tansu_behind(port);
+    let proxy = Proxy::start(port, real);
+    let brokers = format!("127.0.0.1:{port}");
+    let topics = Topics::new();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let changelog = unique("changelog");
+    rt.block_on(fraudstream::stream::kafka::ensure_topics(
+        &brokers,
+        &[],
+        &[&topics.input, &topics.alerts, &topics.scores, &changelog],
+        2,
+    ))
+    .unwrap();
+    let replay_to = |f: &Path| {
+        fraudstream()
+            .args([
+                "replay",
+                "--brokers",
+                &brokers,
+                "--topic",
+                &topics.input,
+                "--data",
+            ])
+            .arg(f)
+            .assert()
+            .success();
+    };
+    replay_to(&head);
+    let serve = Serve::start_on(
+        &brokers,
+        &[
+            "--group",
+            &unique("outage"),
+            "--input-topic",
+            &topics.input,
+            "--alerts-topic",
+            &topics.alerts,
+            "--scores-topic",
+            &topics.scores,
+            "--changelog-topic",
+            &changelog,
+            "--kafka",
+            "statistics.interval.ms=1000",
+        ],
+    );
+    serve.wait_metrics(Duration::from_secs(90), "the first half scored", |t| {
+        scored(t) >= first as f64
+    });
+    let addr = serve.wait_ready(Duration::from_secs(10));
+
+    proxy.cut();
+    common::wait_until(
+        Duration::from_secs(30),
+        "/readyz 503 while the broker is out",
+        || {
+            common::detector::get(&addr, "/readyz")
+                .0
+                .contains("503")
+                .then_some(())
+        },
+    );
+    let (_, during) = common::detector::get(&addr, "/metrics");
+    assert_eq!(metric(&during, "fraudstream_broker_up"), 0.0);
+    // Longer than the session timeout (6 s in tests): the group gives the partitions away.
+    std::thread::sleep(Duration::from_secs(15));
+
+    proxy.restore();
+    common::wait_until(
+        Duration::from_secs(60),
+        "/readyz 200 once the broker is back",
+        || {
+            common::detector::get(&addr, "/readyz")
+                .0
+                .contains("200")
+                .then_some(())
+        },
+    );
+    replay_to(&tail);
+    let mut reader = TopicReader::on(&brokers, &topics.scores);
+    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
+        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
+    });
+    let (_, after) = common::detector::get(&addr, "/metrics");
+    let (code, log) = serve.stop(Duration::from_secs(30));
+    assert_eq!(code, 0, "{log}");
+    let restored = metric(&after, "fraudstream_state_restored_cards_total");
+    assert!(
+        restored >= 50.0,
+        "cards restored after the outage: {restored}\n{log}"
+    );
+    reader.drain(Duration::from_secs(1));
+    let ids: std::collections::HashSet<String> = reader
+        .messages
+        .iter()
+        .map(|(_, _, v)| text(&v["transaction_id"]))
+        .collect();
+    assert_eq!(ids.len(), total, "every transaction scored");
+    let wrong = differing(&reader.messages, &reference);
+    assert!(
+        wrong.is_empty(),
+        "{} differ, e.g. {:?}\n{log}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    let _ = tansu.kill();
+    let _ = tansu.wait();
+}

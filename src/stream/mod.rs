@@ -72,6 +72,9 @@ pub enum StreamError {
         /// Messages read whose outputs were not all acknowledged.
         abandoned: u64,
     },
+    /// The source stopped on an error retrying cannot fix (authorization refused, fenced).
+    #[error("{0}")]
+    Source(String),
     /// A pipeline task panicked (a bug).
     #[error("a pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -87,6 +90,10 @@ pub trait Source: Send + 'static {
     fn assignment(&self) -> Arc<Assignment>;
     /// After the pipeline drained: commit what was stored.
     fn close(self) -> impl Future<Output = ()> + Send;
+    /// Why the source stopped early, if it did (an error retrying cannot fix).
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Where settled records go: Kafka topics, or JSONL files.
@@ -187,6 +194,7 @@ pub async fn run<S: Source, K: Sink>(
     evictor.abort();
     // Counted before the source closes: closing gives the partitions back, which forgets cards.
     detector.sync_card_metrics();
+    let failure = source.failure();
     let stats = run.stats();
     if signalled {
         if tokio::time::timeout_at(deadline, source.close())
@@ -204,6 +212,9 @@ pub async fn run<S: Source, K: Sink>(
         source.close().await;
     }
     published?;
+    if let Some(f) = failure {
+        return Err(StreamError::Source(f));
+    }
     progress(&stats);
     Ok(stats)
 }

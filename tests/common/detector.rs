@@ -91,8 +91,13 @@ pub struct TopicReader {
 impl TopicReader {
     /// Assigns every partition of `topic` from the beginning.
     pub fn new(topic: &str) -> TopicReader {
+        TopicReader::on(&brokers(), topic)
+    }
+
+    /// Like [`TopicReader::new`], on another broker.
+    pub fn on(brokers: &str, topic: &str) -> TopicReader {
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .create()

@@ -6,6 +6,7 @@ pub mod browser;
 pub mod bundle;
 pub mod detector;
 pub mod prometheus;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 

@@ -18,6 +18,28 @@ pub struct KafkaSource {
     restored: Option<tokio::sync::watch::Receiver<bool>>,
     /// Exactly-once: offsets are committed by the transactions, never stored or committed here.
     transactional: bool,
+    /// The fatal error that stopped consuming, if one did.
+    failure: Option<String>,
+}
+
+/// Errors that retrying cannot fix (librdkafka's fatal errors, a refused authorization): the
+/// detector stops with a message instead of spinning on them.
+pub fn is_fatal(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::Fatal
+                | C::TopicAuthorizationFailed
+                | C::GroupAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+                | C::ProducerFenced
+                | C::FencedInstanceId
+        )
+    )
 }
 
 impl KafkaSource {
@@ -34,6 +56,7 @@ impl KafkaSource {
             assignment,
             restored,
             transactional,
+            failure: None,
         }
     }
 }
@@ -63,6 +86,11 @@ impl Source for KafkaSource {
                     let generation = self.assignment.generation(m.partition());
                     return Some(envelope(&m, generation));
                 }
+                Err(e) if is_fatal(&e) => {
+                    tracing::error!("consumer: {e}: stopping (a fatal error is not retried)");
+                    self.failure = Some(format!("consumer: {e}"));
+                    return None;
+                }
                 Err(e) => tracing::warn!("consumer: {e}"),
             }
         }
@@ -78,6 +106,10 @@ impl Source for KafkaSource {
 
     fn assignment(&self) -> Arc<Assignment> {
         self.assignment.clone()
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.clone()
     }
 
     async fn close(self) {
@@ -120,5 +152,32 @@ impl OffsetStore for Offsets {
         self.0
             .store_offset(&o.topic, o.partition, o.offset)
             .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn authorization_and_fencing_are_fatal_a_lost_connection_is_not() {
+        for code in [
+            C::TopicAuthorizationFailed,
+            C::GroupAuthorizationFailed,
+            C::Fatal,
+            C::FencedInstanceId,
+        ] {
+            assert!(is_fatal(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
+        for code in [
+            C::BrokerTransportFailure,
+            C::AllBrokersDown,
+            C::UnknownTopicOrPartition,
+            C::RequestTimedOut,
+        ] {
+            assert!(!is_fatal(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
     }
 }
