@@ -70,6 +70,7 @@ fn compose_file_validates_and_runs_the_whole_stack() {
         "--dead-letter-topic",
         "--labels-topic",
         "--changelog-topic",
+        "--state-dir",
         "--http",
     ] {
         assert!(config.contains(flag) && help.contains(flag), "{flag}");

@@ -432,3 +432,105 @@ fn a_broker_outage_keeps_the_cards_and_loses_nothing() {
     let _ = tansu.kill();
     let _ = tansu.wait();
 }
+
+/// `--state-dir`: a clean stop writes a snapshot; the restart restores from it and reads only
+/// the changelog written since; a corrupted snapshot is detected and the next restart restores
+/// from the changelog alone. Every score of the three runs equals the uninterrupted run's.
+#[test]
+fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changelog() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = simulate(
+        dir.path(),
+        "cards.jsonl",
+        &["--days", "30", "--cards", "200"],
+    );
+    let reference = reference_scores(dir.path(), &file);
+    let total = reference.len();
+    let text_of = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text_of.lines().collect();
+    let (a, b) = (lines.len() / 2, lines.len() * 9 / 10);
+    let parts: Vec<std::path::PathBuf> = [(0, a), (a, b), (b, lines.len())]
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, to))| {
+            let p = dir.path().join(format!("part{i}.jsonl"));
+            std::fs::write(&p, lines[from..to].join("\n")).unwrap();
+            p
+        })
+        .collect();
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let topics = Topics::new();
+    let changelog = unique("changelog");
+    create_topics(&[&topics.input, &changelog], 2);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    let group = unique("group");
+    let flags = [
+        "--changelog-topic",
+        changelog.as_str(),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+        "--snapshot-interval-s",
+        "1",
+    ];
+    let mut done = 0;
+    let mut logs = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i == 2 {
+            // Corrupt the snapshot the second run left.
+            let snap = std::fs::read_dir(&state_dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.to_string_lossy().ends_with(".snapshot"))
+                .expect("a snapshot file");
+            let mut bytes = std::fs::read(&snap).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&snap, bytes).unwrap();
+        }
+        replay(part, &topics.input);
+        done += std::fs::read_to_string(part).unwrap().lines().count();
+        let serve = Serve::start_for(&topics, &group, &flags);
+        let mut reader = TopicReader::new(&topics.scores);
+        common::wait_until(Duration::from_secs(120), "this part scored", || {
+            (reader.drain(Duration::from_millis(300)) >= done).then_some(())
+        });
+        let (code, log) = serve.stop(Duration::from_secs(30));
+        assert_eq!(code, 0, "{log}");
+        assert!(log.contains("card store snapshot written"), "{log}");
+        logs.push(log);
+    }
+    let restore_line = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("card state restored from the changelog"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let second = restore_line(&logs[1]);
+    assert!(
+        second.contains("snapshot=\"used\"") || second.contains("snapshot=used"),
+        "{second}"
+    );
+    assert!(!second.contains("from_snapshot=0"), "{second}");
+    let third = restore_line(&logs[2]);
+    assert!(logs[2].contains("corrupt snapshot"), "{}", logs[2]);
+    assert!(
+        third.contains("from_snapshot=0") && !third.contains(" cards=0"),
+        "{third}"
+    );
+
+    let records = read_all(&topics.scores);
+    let ids: std::collections::HashSet<String> = records
+        .iter()
+        .map(|(_, _, v)| text(&v["transaction_id"]))
+        .collect();
+    assert_eq!(ids.len(), total, "every transaction scored");
+    let wrong = differing(&records, &reference);
+    assert!(
+        wrong.is_empty(),
+        "{} differ, e.g. {:?}\n{}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)],
+        logs.join("\n---\n")
+    );
+}

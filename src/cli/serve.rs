@@ -50,6 +50,14 @@ pub struct ServeArgs {
     /// Exactly-once: commit a transaction at least this often (milliseconds); also when idle.
     #[arg(long, default_value_t = DEFAULT_TRANSACTION_INTERVAL.as_millis() as u64)]
     pub transaction_interval_ms: u64,
+    /// With --changelog-topic: keep a local snapshot of the card store in this directory
+    /// (written every --snapshot-interval-s and at shutdown, atomically), so a restart reads only
+    /// the changelog written since; a corrupt, stale or other model's snapshot is ignored.
+    #[arg(long, requires = "changelog_topic")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds between snapshots with --state-dir.
+    #[arg(long, default_value_t = 60.0)]
+    pub snapshot_interval_s: f64,
     /// Kafka topic of transactions (JSON).
     #[arg(long, default_value = "transactions")]
     pub input_topic: String,
@@ -294,6 +302,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 labels_topic: args.labels_topic,
                 changelog_topic: args.changelog_topic,
                 instance_id: args.instance_id,
+                state_dir: args.state_dir.map(|d| {
+                    (
+                        d,
+                        Duration::from_secs_f64(args.snapshot_interval_s.max(0.1)),
+                    )
+                }),
                 exactly_once: args
                     .exactly_once
                     .then(|| Duration::from_millis(args.transaction_interval_ms)),

@@ -427,6 +427,13 @@ impl CardStore {
         self.cards.get(key).map(|c| f(&c))
     }
 
+    /// Calls `f` with every held card (for a snapshot; concurrent changes may or may not be seen).
+    pub fn for_each_card(&self, mut f: impl FnMut(&str, &CardState)) {
+        for entry in &self.cards {
+            f(entry.key(), entry.value());
+        }
+    }
+
     /// Puts restored cards in place (replacing any held under the same key).
     pub fn restore(&self, cards: Vec<(String, CardState)>) {
         for (key, card) in cards {

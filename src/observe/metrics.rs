@@ -39,6 +39,10 @@ pub struct Metrics {
     pub restore_failures: IntCounter,
     /// Time to restore the cards of newly assigned partitions.
     pub restore_seconds: Histogram,
+    /// Local snapshots written or failed (`--state-dir`).
+    pub snapshots: IntCounterVec,
+    /// Size of the last snapshot written.
+    pub snapshot_bytes: IntGauge,
     /// Windows per scored batch.
     pub batch_size: Histogram,
     /// Time to score one batch.
@@ -194,6 +198,17 @@ impl Metrics {
                 "fraudstream_state_restore_duration_seconds",
                 "Time to restore the cards of newly assigned partitions from the changelog",
                 exponential(0.01, 2.0, 14),
+            )?)?,
+            snapshots: r.add(IntCounterVec::new(
+                vec(
+                    "fraudstream_state_snapshots_total",
+                    "Local card-store snapshots (--state-dir), by outcome (written, failed)",
+                ),
+                &["outcome"],
+            )?)?,
+            snapshot_bytes: r.add(IntGauge::new(
+                "fraudstream_state_snapshot_bytes",
+                "Size of the last local card-store snapshot written",
             )?)?,
             delivery_failures: r.add(IntCounter::new(
                 "fraudstream_delivery_failures_total",

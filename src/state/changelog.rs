@@ -51,6 +51,10 @@ pub struct RestoreStats {
     pub skipped: HashMap<&'static str, u64>,
     /// Wall time.
     pub seconds: f64,
+    /// Cards that came from the local snapshot (the changelog read only after it).
+    pub from_snapshot: usize,
+    /// What became of the local snapshot: used, none, stale, corrupt, other_model, off.
+    pub snapshot: &'static str,
 }
 
 /// One partition's records folded to each card's latest applicable record.
@@ -97,6 +101,11 @@ impl Fold {
         }
     }
 
+    /// Starts from a snapshot's cards (all reflecting input below the committed offset).
+    pub fn seed(&mut self, cards: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        self.latest.extend(cards);
+    }
+
     /// Decodes the cards for input partition `shard` and adds this fold's counts to `stats`.
     pub fn finish(
         self,
@@ -140,6 +149,7 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 pub struct Restorer {
     config: ClientConfig,
     topic: String,
+    snapshot: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Restorer {
@@ -162,6 +172,32 @@ impl Restorer {
         Restorer {
             config,
             topic: topic.to_string(),
+            snapshot: None,
+        }
+    }
+
+    /// Starts restores from the local snapshot at `path` when it can (see [`super::snapshot`]).
+    pub fn with_snapshot(mut self, path: std::path::PathBuf) -> Self {
+        self.snapshot = Some(path);
+        self
+    }
+
+    /// The local snapshot, if there is one for this model, and what became of it.
+    fn usable_snapshot(&self, builder: &WindowBuilder) -> (Option<super::Snapshot>, &'static str) {
+        let Some(path) = &self.snapshot else {
+            return (None, "off");
+        };
+        match super::snapshot::read(path) {
+            Ok(s) if s.recipe == builder.fingerprint() => (Some(s), "used"),
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "snapshot of another model: ignored");
+                (None, "other_model")
+            }
+            Err(e @ super::SnapshotError::Missing(_)) => (None, e.status()),
+            Err(e) => {
+                tracing::warn!("{e}: restoring from the changelog alone");
+                (None, e.status())
+            }
         }
     }
 
@@ -184,12 +220,42 @@ impl Restorer {
         };
         let consumer: BaseConsumer<QuietEof> =
             self.config.create_with_context(QuietEof).map_err(kafka)?;
+        let (snapshot, mut status) = self.usable_snapshot(builder);
         let mut tpl = TopicPartitionList::new();
         let mut folds = HashMap::new();
+        let mut from_snapshot = 0;
         for &(p, committed) in partitions {
-            tpl.add_partition_offset(&self.topic, p, Offset::Beginning)
+            let mut f = fold(committed);
+            let mut start = Offset::Beginning;
+            // A partition starts from the snapshot when the commit is past all it holds: every
+            // change in it is then committed, and later ones are in the changelog after it.
+            let covered = snapshot.as_ref().and_then(|s| s.covered.get(&p).copied());
+            if let (Some(s), Some(c), Some(m)) = (&snapshot, committed, covered) {
+                if c > m {
+                    let mut at = TopicPartitionList::new();
+                    at.add_partition_offset(&self.topic, p, Offset::Offset(s.created_ms - 1_000))
+                        .map_err(kafka)?;
+                    let found = consumer
+                        .offsets_for_times(at, Duration::from_secs(10))
+                        .map_err(kafka)?;
+                    if let Some(o) = found.find_partition(&self.topic, p).map(|e| e.offset()) {
+                        let cards: Vec<(String, Vec<u8>)> = s
+                            .cards
+                            .iter()
+                            .filter(|c| c.shard == p)
+                            .map(|c| (c.key.clone(), c.record.clone()))
+                            .collect();
+                        from_snapshot += cards.len();
+                        f.seed(cards);
+                        start = o;
+                    }
+                } else {
+                    status = "stale";
+                }
+            }
+            tpl.add_partition_offset(&self.topic, p, start)
                 .map_err(kafka)?;
-            folds.insert(p, fold(committed));
+            folds.insert(p, f);
         }
         consumer.assign(&tpl).map_err(kafka)?;
         // A partition is read once the consumer reports its end (for read_committed, the last
@@ -222,6 +288,8 @@ impl Restorer {
             cards.extend(f.finish(builder, p, &mut stats));
         }
         stats.seconds = began.elapsed().as_secs_f64();
+        stats.from_snapshot = from_snapshot;
+        stats.snapshot = status;
         Ok((cards, stats))
     }
 }

@@ -12,6 +12,8 @@
 
 pub mod changelog;
 pub mod image;
+pub mod snapshot;
 
 pub use changelog::{RestoreError, RestoreStats, Restorer, fold};
 pub use image::{FORMAT_VERSION, ImageError, decode, encode, input_offset};
+pub use snapshot::{Snapshot, SnapshotCard, SnapshotError};

@@ -159,6 +159,8 @@ pub struct Detector {
     recipe: u64,
     /// Input partitions held (None: all).
     held: std::sync::RwLock<Option<std::collections::HashSet<i32>>>,
+    /// The last input offset ingested per partition (what a snapshot covers).
+    ingested: std::sync::Mutex<std::collections::HashMap<i32, i64>>,
 }
 
 impl Detector {
@@ -190,6 +192,7 @@ impl Detector {
             watermarks: Watermarks::new(settings.time),
             recipe: bundle.window_builder().fingerprint(),
             held: std::sync::RwLock::new(None),
+            ingested: std::sync::Mutex::default(),
         }
     }
 
@@ -270,12 +273,40 @@ impl Detector {
     /// one holding transactions whose outputs were dropped.
     pub fn forget_partitions(&self, partitions: &[i32]) -> usize {
         self.watermarks.forget(partitions);
+        let mut ingested = self.ingested.lock().expect("ingested lock");
+        for p in partitions {
+            ingested.remove(p);
+        }
+        drop(ingested);
         self.store.forget_shards(partitions)
     }
 
     /// The store's window recipe (what restored card states must have been written with).
     pub fn window_builder(&self) -> &crate::features::WindowBuilder {
         self.store.builder()
+    }
+
+    /// Every card's state as its changelog record, with the input offsets covered: what
+    /// `--state-dir` keeps (see [`state::snapshot`]). The offsets are read after the cards, so
+    /// every card's record is at or below them.
+    pub fn snapshot(&self) -> state::Snapshot {
+        let created_ms = chrono::Utc::now().timestamp_millis();
+        let mut cards = Vec::with_capacity(self.store.len());
+        self.store.for_each_card(|key, card| {
+            cards.push(state::SnapshotCard {
+                key: key.to_string(),
+                shard: card.shard,
+                // The snapshot's `covered` offsets say which input it reflects.
+                record: state::encode(card, self.recipe, -1),
+            });
+        });
+        let covered = self.ingested.lock().expect("ingested lock").clone();
+        state::Snapshot {
+            created_ms,
+            recipe: self.recipe,
+            covered,
+            cards,
+        }
     }
 
     /// Puts cards restored from the changelog in place and counts them.
@@ -296,6 +327,11 @@ impl Detector {
     }
 
     fn window(&self, env: &Envelope) -> Ingest {
+        if self.settings.changelog {
+            let mut ingested = self.ingested.lock().expect("ingested lock");
+            let last = ingested.entry(env.partition).or_insert(env.offset);
+            *last = (*last).max(env.offset);
+        }
         let limit = self.settings.max_message_bytes;
         let keep = self.settings.max_dead_letter_payload_bytes;
         let dead = |reason: &str, field: Option<&str>, error: String| {
@@ -363,6 +399,12 @@ impl Detector {
     /// follow the cards: a label from another partition is another instance's to join.
     pub fn set_held(&self, partitions: Option<std::collections::HashSet<i32>>) {
         *self.held.write().expect("held lock") = partitions;
+    }
+
+    /// Whether this instance holds some input partition of a consumer group (a snapshot taken
+    /// before the first assignment would hold nothing).
+    pub fn holds_any(&self) -> bool {
+        matches!(&*self.held.read().expect("held lock"), Some(h) if !h.is_empty())
     }
 
     /// Whether this instance holds input partition `p` (and so joins its labels).

@@ -33,6 +33,8 @@ pub struct KafkaSettings {
     /// Exactly-once: outputs and consumed offsets in one Kafka transaction (see `txn`); None:
     /// at-least-once. The duration is how long a transaction stays open at most.
     pub exactly_once: Option<std::time::Duration>,
+    /// Local snapshots of the card store (with a changelog): the directory, and how often.
+    pub state_dir: Option<(std::path::PathBuf, std::time::Duration)>,
     /// librdkafka settings applied last (SASL, TLS, timeouts).
     pub extra: Vec<(String, String)>,
     /// Micro-batching.
@@ -55,6 +57,7 @@ impl KafkaSettings {
             changelog_topic: None,
             instance_id: None,
             exactly_once: None,
+            state_dir: None,
             extra: vec![],
             batch: BatchSettings::default(),
             on_assigned: None,

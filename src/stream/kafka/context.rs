@@ -102,6 +102,8 @@ impl GroupContext {
                     skipped = stats.skipped.values().sum::<u64>(),
                     seconds = stats.seconds,
                     cards_per_s = (stats.cards as f64 / stats.seconds.max(1e-9)).round(),
+                    from_snapshot = stats.from_snapshot,
+                    snapshot = stats.snapshot,
                     "card state restored from the changelog"
                 );
                 self.detector.restore_cards(cards);

@@ -53,7 +53,11 @@ pub async fn run_kafka(
             &s.extra,
             &[("group.id", &format!("{}-restore", s.group))],
         );
-        context = context.with_restorer(Restorer::new(config, topic));
+        let mut restorer = Restorer::new(config, topic);
+        if let Some((dir, _)) = &s.state_dir {
+            restorer = restorer.with_snapshot(crate::state::snapshot::path(dir, &s.group));
+        }
+        context = context.with_restorer(restorer);
     }
     let producer: FutureProducer = config::producer_config(&s).create().map_err(setup)?;
     let transactor = match s.exactly_once {
@@ -98,7 +102,24 @@ pub async fn run_kafka(
         None => None,
     };
     let restored = labels.as_ref().map(|l| l.restored.clone());
-    let source = KafkaSource::new(consumer.clone(), assignment, restored, transactor.is_some());
+    let mut source = KafkaSource::new(consumer.clone(), assignment, restored, transactor.is_some());
+    let snapshots = match (&s.state_dir, &s.changelog_topic) {
+        (Some((dir, every)), Some(_)) => {
+            let path = crate::state::snapshot::path(dir, &s.group);
+            let final_one = (detector.clone(), path.clone());
+            source = source.before_close(Box::new(move || {
+                write_snapshot(&final_one.0, &final_one.1);
+            }));
+            Some(spawn_snapshots(detector.clone(), path, *every))
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "--state-dir without --changelog-topic: no snapshots (they start from the changelog)"
+            );
+            None
+        }
+        _ => None,
+    };
     let mut sink = KafkaSink::new(
         producer,
         s.alerts_topic.clone(),
@@ -115,7 +136,56 @@ pub async fn run_kafka(
     if let Some(l) = labels {
         l.task.abort();
     }
+    if let Some(t) = snapshots {
+        t.abort();
+    }
     stats
+}
+
+/// Writes a snapshot of the card store (blocking: call off the reactor), counted and logged.
+fn write_snapshot(detector: &Detector, path: &std::path::Path) {
+    let began = std::time::Instant::now();
+    let snapshot = detector.snapshot();
+    let m = detector.metrics();
+    match crate::state::snapshot::write(path, &snapshot) {
+        Ok(bytes) => {
+            m.snapshots.with_label_values(&["written"]).inc();
+            m.snapshot_bytes.set(bytes as i64);
+            tracing::info!(
+                path = %path.display(),
+                cards = snapshot.cards.len(),
+                bytes,
+                seconds = began.elapsed().as_secs_f64(),
+                "card store snapshot written"
+            );
+        }
+        Err(e) => {
+            m.snapshots.with_label_values(&["failed"]).inc();
+            tracing::error!("writing the card store snapshot: {e}");
+        }
+    }
+}
+
+/// Writes a snapshot every `every` until aborted.
+fn spawn_snapshots(
+    detector: Arc<Detector>,
+    path: std::path::PathBuf,
+    every: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            // Before the first assignment (and its restore) the store is empty: writing it would
+            // replace a useful snapshot with nothing.
+            if !detector.holds_any() {
+                continue;
+            }
+            let (d, p) = (detector.clone(), path.clone());
+            let _ = tokio::task::spawn_blocking(move || write_snapshot(&d, &p)).await;
+        }
+    })
 }
 
 /// How long start-up metadata requests may take.

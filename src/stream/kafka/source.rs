@@ -20,6 +20,8 @@ pub struct KafkaSource {
     transactional: bool,
     /// The fatal error that stopped consuming, if one did.
     failure: Option<String>,
+    /// Runs after the final commit, while the cards are still held (the last snapshot).
+    before_close: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 /// Errors that retrying cannot fix (librdkafka's fatal errors, a refused authorization): the
@@ -57,7 +59,24 @@ impl KafkaSource {
             restored,
             transactional,
             failure: None,
+            before_close: None,
         }
+    }
+
+    /// Runs `f` (blocking) at close, after the final commit and before the partitions are given
+    /// back.
+    pub fn before_close(mut self, f: Box<dyn FnOnce() + Send + Sync>) -> Self {
+        self.before_close = Some(f);
+        self
+    }
+
+    /// The final commit of stored offsets (exactly-once: done by the last transaction).
+    async fn commit(&self) {
+        if self.transactional {
+            tracing::info!("offsets committed with the last transaction");
+            return;
+        }
+        self.commit_stored().await;
     }
 }
 
@@ -112,7 +131,17 @@ impl Source for KafkaSource {
         self.failure.clone()
     }
 
-    async fn close(self) {
+    async fn close(mut self) {
+        let last = self.before_close.take();
+        self.commit().await;
+        if let Some(f) = last {
+            let _ = tokio::task::spawn_blocking(f).await;
+        }
+    }
+}
+
+impl KafkaSource {
+    async fn commit_stored(&self) {
         // A synchronous commit waits for the broker: off the runtime's threads, so that a
         // shutdown deadline can give up on it.
         let consumer = self.consumer.clone();
