@@ -1,11 +1,12 @@
-//! Card state that survives: a detector with `--changelog-topic`, killed or joined by another
-//! member mid-stream, restores its cards from the changelog and scores every transaction exactly
-//! as an uninterrupted run does (against the real broker).
+//! Card state that survives: a detector with `--changelog-topic`, killed, restarted, joined by
+//! another member or cut off from its broker mid-stream, restores its cards from the changelog
+//! (or its local snapshot) and scores every transaction exactly as an uninterrupted run does;
+//! with `--exactly-once`, each output once (against the real broker).
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::broker::{brokers, unique};
@@ -13,56 +14,18 @@ use common::detector::{Serve, TopicReader, Topics, create_topics, metric, read_a
 use common::{fraudstream, simulate};
 use serde_json::Value;
 
-fn replay(file: &Path, topic: &str) {
+type Records = Vec<(i32, i64, Value)>;
+
+fn replay_on(brokers: &str, file: &Path, topic: &str) {
     fraudstream()
-        .args([
-            "replay",
-            "--brokers",
-            &brokers(),
-            "--topic",
-            topic,
-            "--data",
-        ])
+        .args(["replay", "--brokers", brokers, "--topic", topic, "--data"])
         .arg(file)
         .assert()
         .success();
 }
 
-/// Every transaction's score in an uninterrupted file-mode run.
-fn reference_scores(dir: &Path, file: &Path) -> HashMap<String, f64> {
-    let scores = dir.join("reference-scores.jsonl");
-    fraudstream()
-        .args(["serve", "--input"])
-        .arg(format!("file:{}", file.display()))
-        .args(["--output", "file:/dev/null", "--scores-output"])
-        .arg(format!("file:{}", scores.display()))
-        .assert()
-        .success();
-    std::fs::read_to_string(&scores)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (text(&v["transaction_id"]), v["score"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 fn text(v: &Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
-}
-
-/// Score records that differ from the reference, as (id, score, reference).
-fn differing(records: &[(i32, i64, Value)], reference: &HashMap<String, f64>) -> Vec<String> {
-    records
-        .iter()
-        .filter_map(|(_, _, v)| {
-            let id = text(&v["transaction_id"]);
-            let score = v["score"].as_f64().unwrap();
-            let want = reference[&id];
-            ((score - want).abs() > 2e-6).then(|| format!("{id}: {score} vs {want}"))
-        })
-        .collect()
 }
 
 fn scored(metrics: &str) -> f64 {
@@ -72,63 +35,149 @@ fn scored(metrics: &str) -> f64 {
     )
 }
 
+/// A simulated stream (30 days, 200 cards unless said), its scores in an uninterrupted file-mode
+/// run, and a detector group's topics on the shared broker (input and changelog with
+/// `partitions` partitions).
+struct Case {
+    dir: tempfile::TempDir,
+    file: PathBuf,
+    lines: Vec<String>,
+    reference: HashMap<String, f64>,
+    topics: Topics,
+    changelog: String,
+    group: String,
+}
+
+impl Case {
+    fn new(days: &str, cards: &str, partitions: i32) -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        let file = simulate(
+            dir.path(),
+            "cards.jsonl",
+            &["--days", days, "--cards", cards],
+        );
+        let scores = dir.path().join("reference-scores.jsonl");
+        fraudstream()
+            .args(["serve", "--input"])
+            .arg(format!("file:{}", file.display()))
+            .args(["--output", "file:/dev/null", "--scores-output"])
+            .arg(format!("file:{}", scores.display()))
+            .assert()
+            .success();
+        let reference = std::fs::read_to_string(&scores)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (text(&v["transaction_id"]), v["score"].as_f64().unwrap())
+            })
+            .collect();
+        let lines = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let (topics, changelog) = (Topics::new(), unique("changelog"));
+        create_topics(&[&topics.input, &changelog], partitions);
+        create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+        Case {
+            dir,
+            file,
+            lines,
+            reference,
+            topics,
+            changelog,
+            group: unique("group"),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.reference.len()
+    }
+
+    /// Lines `from..to` of the stream as a file.
+    fn part(&self, from: usize, to: usize) -> PathBuf {
+        let p = self.dir.path().join(format!("part-{from}-{to}.jsonl"));
+        std::fs::write(&p, self.lines[from..to].join("\n")).unwrap();
+        p
+    }
+
+    fn replay(&self, file: &Path) {
+        replay_on(&brokers(), file, &self.topics.input);
+    }
+
+    /// A detector of the case's group with the changelog and `extra` flags.
+    fn serve(&self, extra: &[&str]) -> Serve {
+        let flags = [&["--changelog-topic", self.changelog.as_str()], extra].concat();
+        Serve::start_for(&self.topics, &self.group, &flags)
+    }
+
+    /// Waits until the scores topic holds at least `n` records.
+    fn wait_scored(&self, n: usize) {
+        wait_scored_on(TopicReader::new(&self.topics.scores), n);
+    }
+}
+
+fn wait_scored_on(mut reader: TopicReader, n: usize) {
+    common::wait_until(Duration::from_secs(120), &format!("{n} scored"), || {
+        (reader.drain(Duration::from_millis(300)) >= n).then_some(())
+    });
+}
+
+/// Every transaction scored, and every score record equal to the uninterrupted run's.
+fn assert_like_uninterrupted(records: &Records, reference: &HashMap<String, f64>, log: &str) {
+    let ids: HashSet<String> = records
+        .iter()
+        .map(|(_, _, v)| text(&v["transaction_id"]))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        reference.len(),
+        "every transaction scored\n{log}"
+    );
+    let wrong: Vec<String> = records
+        .iter()
+        .filter_map(|(_, _, v)| {
+            let id = text(&v["transaction_id"]);
+            let (score, want) = (v["score"].as_f64().unwrap(), reference[&id]);
+            ((score - want).abs() > 2e-6).then(|| format!("{id}: {score} vs {want}"))
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} score records differ from the uninterrupted run, e.g. {:?}\n{log}",
+        wrong.len(),
+        records.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
 /// SIGKILL at about 40% of the stream, start again: the restarted detector restores the cards
 /// from the changelog (as of the committed offsets), reads the rest, and every score, including
 /// the re-scored ones between the last commit and the kill, equals the uninterrupted run's.
 #[test]
 fn a_detector_killed_mid_stream_restores_its_cards_and_scores_like_an_uninterrupted_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = simulate(
-        dir.path(),
-        "cards.jsonl",
-        &["--days", "30", "--cards", "200"],
-    );
-    let reference = reference_scores(dir.path(), &file);
-    let total = reference.len();
-    let topics = Topics::new();
-    let changelog = unique("changelog");
-    create_topics(&[&topics.input, &changelog], 2);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    replay(&file, &topics.input);
-    let group = unique("group");
-    let flags = [
-        "--changelog-topic",
-        changelog.as_str(),
-        // Offsets committed often, so the kill leaves little to read again.
-        "--kafka",
-        "auto.commit.interval.ms=500",
-    ];
-    let a = Serve::start_for(&topics, &group, &flags);
-    let at = (total * 2 / 5) as f64;
+    let case = Case::new("30", "200", 2);
+    case.replay(&case.file);
+    // Offsets committed often, so the kill leaves little to read again.
+    let flags = ["--kafka", "auto.commit.interval.ms=500"];
+    let a = case.serve(&flags);
+    let at = (case.total() * 2 / 5) as f64;
     a.wait_metrics(Duration::from_secs(120), "40% scored", |t| scored(t) >= at);
     let log_a = a.kill();
-    let before_restart = read_all(&topics.scores).len();
-    assert!(before_restart < total, "killed before the end:\n{log_a}");
+    assert!(
+        read_all(&case.topics.scores).len() < case.total(),
+        "killed before the end:\n{log_a}"
+    );
 
-    let b = Serve::start_for(&topics, &group, &flags);
-    let mut reader = TopicReader::new(&topics.scores);
-    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
-        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
-    });
+    let b = case.serve(&flags);
+    case.wait_scored(case.total());
     let metrics = b.wait_metrics(Duration::from_secs(10), "restore metrics", |t| {
         t.contains("fraudstream_state_restored_cards_total")
     });
     let (code, log_b) = b.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log_b}");
-    let records = read_all(&topics.scores);
-    let ids: std::collections::HashSet<String> = records
-        .iter()
-        .map(|(_, _, v)| text(&v["transaction_id"]))
-        .collect();
-    assert_eq!(ids.len(), total, "every transaction scored");
-    let wrong = differing(&records, &reference);
-    assert!(
-        wrong.is_empty(),
-        "{} of {} score records differ from the uninterrupted run, e.g. {:?}\n{log_b}",
-        wrong.len(),
-        records.len(),
-        &wrong[..wrong.len().min(5)]
-    );
+    assert_like_uninterrupted(&read_all(&case.topics.scores), &case.reference, &log_b);
     assert!(
         log_b.contains("card state restored from the changelog"),
         "{log_b}"
@@ -145,58 +194,25 @@ fn a_detector_killed_mid_stream_restores_its_cards_and_scores_like_an_uninterrup
 /// uninterrupted run's.
 #[test]
 fn a_member_joining_mid_stream_restores_the_cards_of_the_partitions_it_takes() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = simulate(
-        dir.path(),
-        "cards.jsonl",
-        &["--days", "30", "--cards", "200"],
-    );
-    let reference = reference_scores(dir.path(), &file);
-    let total = reference.len();
-    let text_of = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = text_of.lines().collect();
-    let first = lines.len() * 2 / 5;
-    let (head, tail) = (dir.path().join("head.jsonl"), dir.path().join("tail.jsonl"));
-    std::fs::write(&head, lines[..first].join("\n")).unwrap();
-    std::fs::write(&tail, lines[first..].join("\n")).unwrap();
-    let topics = Topics::new();
-    let changelog = unique("changelog");
-    create_topics(&[&topics.input, &changelog], 4);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    replay(&head, &topics.input);
-    let group = unique("group");
-    let flags = ["--changelog-topic", changelog.as_str()];
-    let a = Serve::start_for(&topics, &group, &flags);
+    let case = Case::new("30", "200", 4);
+    let first = case.lines.len() * 2 / 5;
+    case.replay(&case.part(0, first));
+    let a = case.serve(&[]);
     a.wait_metrics(Duration::from_secs(120), "the first 40% scored", |t| {
         scored(t) >= first as f64
     });
-    let b = Serve::start_for(&topics, &group, &flags);
+    let b = case.serve(&[]);
     b.wait_ready(Duration::from_secs(60));
-    replay(&tail, &topics.input);
-    let mut reader = TopicReader::new(&topics.scores);
-    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
-        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
-    });
+    case.replay(&case.part(first, case.lines.len()));
+    case.wait_scored(case.total());
     let metrics_b = b.wait_metrics(Duration::from_secs(10), "restore metrics", |t| {
         t.contains("fraudstream_state_restored_cards_total")
     });
     let (code_b, log_b) = b.stop(Duration::from_secs(30));
     let (code_a, log_a) = a.stop(Duration::from_secs(30));
-    assert_eq!((code_a, code_b), (0, 0), "A:\n{log_a}\nB:\n{log_b}");
-    let records = read_all(&topics.scores);
-    let ids: std::collections::HashSet<String> = records
-        .iter()
-        .map(|(_, _, v)| text(&v["transaction_id"]))
-        .collect();
-    assert_eq!(ids.len(), total, "every transaction scored");
-    let wrong = differing(&records, &reference);
-    assert!(
-        wrong.is_empty(),
-        "{} of {} score records differ from the uninterrupted run, e.g. {:?}\nA:\n{log_a}\nB:\n{log_b}",
-        wrong.len(),
-        records.len(),
-        &wrong[..wrong.len().min(5)]
-    );
+    let logs = format!("A:\n{log_a}\nB:\n{log_b}");
+    assert_eq!((code_a, code_b), (0, 0), "{logs}");
+    assert_like_uninterrupted(&read_all(&case.topics.scores), &case.reference, &logs);
     let restored = metric(&metrics_b, "fraudstream_state_restored_cards_total");
     assert!(
         restored >= 50.0,
@@ -211,42 +227,21 @@ fn a_member_joining_mid_stream_restores_the_cards_of_the_partitions_it_takes() {
 /// equal to the uninterrupted run's.
 #[test]
 fn exactly_once_outputs_each_score_once_across_a_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = simulate(
-        dir.path(),
-        "cards.jsonl",
-        &["--days", "30", "--cards", "200"],
-    );
-    let reference = reference_scores(dir.path(), &file);
-    let total = reference.len();
-    let topics = Topics::new();
-    let changelog = unique("changelog");
-    create_topics(&[&topics.input, &changelog], 2);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    replay(&file, &topics.input);
-    let group = unique("group");
-    let flags = [
-        "--changelog-topic",
-        changelog.as_str(),
-        "--exactly-once",
-        "--instance-id",
-        "member-1",
-    ];
-    let a = Serve::start_for(&topics, &group, &flags);
-    let at = (total * 2 / 5) as f64;
+    let case = Case::new("30", "200", 2);
+    case.replay(&case.file);
+    let flags = ["--exactly-once", "--instance-id", "member-1"];
+    let a = case.serve(&flags);
+    let at = (case.total() * 2 / 5) as f64;
     a.wait_metrics(Duration::from_secs(120), "40% scored", |t| scored(t) >= at);
     let log_a = a.kill();
     assert!(log_a.contains("exactly-once"), "{log_a}");
 
-    let b = Serve::start_for(&topics, &group, &flags);
-    let mut reader = TopicReader::new(&topics.scores);
-    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
-        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
-    });
+    let b = case.serve(&flags);
+    case.wait_scored(case.total());
     let (code, log_b) = b.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log_b}");
     // Read to the end only now: an output committed twice would show as a longer result.
-    let records = read_all(&topics.scores);
+    let records = read_all(&case.topics.scores);
     let mut seen = HashMap::new();
     for (_, _, v) in &records {
         *seen.entry(text(&v["transaction_id"])).or_insert(0) += 1;
@@ -260,18 +255,12 @@ fn exactly_once_outputs_each_score_once_across_a_sigkill() {
     );
     assert_eq!(
         records.len(),
-        total,
+        case.total(),
         "every transaction scored once\n{log_b}"
     );
-    let wrong = differing(&records, &reference);
-    assert!(
-        wrong.is_empty(),
-        "{} score records differ from the uninterrupted run, e.g. {:?}\n{log_b}",
-        wrong.len(),
-        &wrong[..wrong.len().min(5)]
-    );
-    let alerts = read_all(&topics.alerts);
-    let alert_ids: std::collections::HashSet<String> = alerts
+    assert_like_uninterrupted(&records, &case.reference, &log_b);
+    let alerts = read_all(&case.topics.alerts);
+    let alert_ids: HashSet<String> = alerts
         .iter()
         .map(|(_, _, v)| text(&v["transaction_id"]))
         .collect();
@@ -309,126 +298,73 @@ fn a_changelog_with_another_partition_count_is_refused_at_start_up() {
 #[test]
 fn a_broker_outage_keeps_the_cards_and_loses_nothing() {
     use common::proxy::Proxy;
-    let dir = tempfile::tempdir().unwrap();
-    let file = simulate(
-        dir.path(),
-        "cards.jsonl",
-        &["--days", "20", "--cards", "150"],
-    );
-    let reference = reference_scores(dir.path(), &file);
-    let total = reference.len();
-    let text_of = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = text_of.lines().collect();
-    let first = lines.len() / 2;
-    let (head, tail) = (dir.path().join("head.jsonl"), dir.path().join("tail.jsonl"));
-    std::fs::write(&head, lines[..first].join("\n")).unwrap();
-    std::fs::write(&tail, lines[first..].join("\n")).unwrap();
-
+    // The case's topics on the shared broker go unused: this test needs a broker of its own.
+    let case = Case::new("20", "150", 1);
     let port = common::free_port();
     let (mut tansu, real) = common::broker::own_tansu_behind(port);
     let proxy = Proxy::start(port, real);
     let brokers = format!("127.0.0.1:{port}");
-    let topics = Topics::new();
+    let t = &case.topics;
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let changelog = unique("changelog");
     rt.block_on(fraudstream::stream::kafka::ensure_topics(
         &brokers,
         &[],
-        &[&topics.input, &topics.alerts, &topics.scores, &changelog],
+        &[&t.input, &t.alerts, &t.scores, &case.changelog],
         2,
     ))
     .unwrap();
-    let replay_to = |f: &Path| {
-        fraudstream()
-            .args([
-                "replay",
-                "--brokers",
-                &brokers,
-                "--topic",
-                &topics.input,
-                "--data",
-            ])
-            .arg(f)
-            .assert()
-            .success();
-    };
-    replay_to(&head);
+    let first = case.lines.len() / 2;
+    replay_on(&brokers, &case.part(0, first), &t.input);
     let serve = Serve::start_on(
         &brokers,
         &[
             "--group",
-            &unique("outage"),
+            &case.group,
             "--input-topic",
-            &topics.input,
+            &t.input,
             "--alerts-topic",
-            &topics.alerts,
+            &t.alerts,
             "--scores-topic",
-            &topics.scores,
+            &t.scores,
             "--changelog-topic",
-            &changelog,
+            &case.changelog,
             "--kafka",
             "statistics.interval.ms=1000",
         ],
     );
-    serve.wait_metrics(Duration::from_secs(90), "the first half scored", |t| {
-        scored(t) >= first as f64
+    serve.wait_metrics(Duration::from_secs(90), "the first half scored", |m| {
+        scored(m) >= first as f64
     });
     let addr = serve.wait_ready(Duration::from_secs(10));
+    let get = |path| common::detector::get(&addr, path);
 
     proxy.cut();
-    common::wait_until(
-        Duration::from_secs(30),
-        "/readyz 503 while the broker is out",
-        || {
-            common::detector::get(&addr, "/readyz")
-                .0
-                .contains("503")
-                .then_some(())
-        },
-    );
-    let (_, during) = common::detector::get(&addr, "/metrics");
-    assert_eq!(metric(&during, "fraudstream_broker_up"), 0.0);
+    common::wait_until(Duration::from_secs(30), "/readyz 503 while out", || {
+        get("/readyz").0.contains("503").then_some(())
+    });
+    assert_eq!(metric(&get("/metrics").1, "fraudstream_broker_up"), 0.0);
     // Longer than the session timeout (6 s in tests): the group gives the partitions away.
     std::thread::sleep(Duration::from_secs(15));
 
     proxy.restore();
-    common::wait_until(
-        Duration::from_secs(60),
-        "/readyz 200 once the broker is back",
-        || {
-            common::detector::get(&addr, "/readyz")
-                .0
-                .contains("200")
-                .then_some(())
-        },
-    );
-    replay_to(&tail);
-    let mut reader = TopicReader::on(&brokers, &topics.scores);
-    common::wait_until(Duration::from_secs(120), "every transaction scored", || {
-        (reader.drain(Duration::from_millis(300)) >= total).then_some(())
+    common::wait_until(Duration::from_secs(60), "/readyz 200 once back", || {
+        get("/readyz").0.contains("200").then_some(())
     });
-    let (_, after) = common::detector::get(&addr, "/metrics");
+    replay_on(&brokers, &case.part(first, case.lines.len()), &t.input);
+    wait_scored_on(TopicReader::on(&brokers, &t.scores), case.total());
+    let restored = metric(&get("/metrics").1, "fraudstream_state_restored_cards_total");
+    let reassigned = serve.log().matches("partitions assigned").count() > 1;
     let (code, log) = serve.stop(Duration::from_secs(30));
     assert_eq!(code, 0, "{log}");
-    let restored = metric(&after, "fraudstream_state_restored_cards_total");
+    // Whether the group gave the partitions away meanwhile depends on when the broker notices
+    // the member gone; if it did, their cards came back from the changelog.
     assert!(
-        restored >= 50.0,
+        !reassigned || restored >= 50.0,
         "cards restored after the outage: {restored}\n{log}"
     );
+    let mut reader = TopicReader::on(&brokers, &t.scores);
     reader.drain(Duration::from_secs(1));
-    let ids: std::collections::HashSet<String> = reader
-        .messages
-        .iter()
-        .map(|(_, _, v)| text(&v["transaction_id"]))
-        .collect();
-    assert_eq!(ids.len(), total, "every transaction scored");
-    let wrong = differing(&reader.messages, &reference);
-    assert!(
-        wrong.is_empty(),
-        "{} differ, e.g. {:?}\n{log}",
-        wrong.len(),
-        &wrong[..wrong.len().min(5)]
-    );
+    assert_like_uninterrupted(&reader.messages, &case.reference, &log);
     let _ = tansu.kill();
     let _ = tansu.wait();
 }
@@ -438,44 +374,19 @@ fn a_broker_outage_keeps_the_cards_and_loses_nothing() {
 /// from the changelog alone. Every score of the three runs equals the uninterrupted run's.
 #[test]
 fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changelog() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = simulate(
-        dir.path(),
-        "cards.jsonl",
-        &["--days", "30", "--cards", "200"],
-    );
-    let reference = reference_scores(dir.path(), &file);
-    let total = reference.len();
-    let text_of = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = text_of.lines().collect();
-    let (a, b) = (lines.len() / 2, lines.len() * 9 / 10);
-    let parts: Vec<std::path::PathBuf> = [(0, a), (a, b), (b, lines.len())]
-        .iter()
-        .enumerate()
-        .map(|(i, &(from, to))| {
-            let p = dir.path().join(format!("part{i}.jsonl"));
-            std::fs::write(&p, lines[from..to].join("\n")).unwrap();
-            p
-        })
-        .collect();
-    let state_dir = dir.path().join("state");
+    let case = Case::new("30", "200", 2);
+    let n = case.lines.len();
+    let parts = [(0, n / 2), (n / 2, n * 9 / 10), (n * 9 / 10, n)];
+    let state_dir = case.dir.path().join("state");
     std::fs::create_dir_all(&state_dir).unwrap();
-    let topics = Topics::new();
-    let changelog = unique("changelog");
-    create_topics(&[&topics.input, &changelog], 2);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    let group = unique("group");
     let flags = [
-        "--changelog-topic",
-        changelog.as_str(),
         "--state-dir",
         state_dir.to_str().unwrap(),
         "--snapshot-interval-s",
         "1",
     ];
-    let mut done = 0;
     let mut logs = Vec::new();
-    for (i, part) in parts.iter().enumerate() {
+    for (i, &(from, to)) in parts.iter().enumerate() {
         if i == 2 {
             // Corrupt the snapshot the second run left.
             let snap = std::fs::read_dir(&state_dir)
@@ -488,13 +399,9 @@ fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changel
             bytes[mid] ^= 0xff;
             std::fs::write(&snap, bytes).unwrap();
         }
-        replay(part, &topics.input);
-        done += std::fs::read_to_string(part).unwrap().lines().count();
-        let serve = Serve::start_for(&topics, &group, &flags);
-        let mut reader = TopicReader::new(&topics.scores);
-        common::wait_until(Duration::from_secs(120), "this part scored", || {
-            (reader.drain(Duration::from_millis(300)) >= done).then_some(())
-        });
+        case.replay(&case.part(from, to));
+        let serve = case.serve(&flags);
+        case.wait_scored(to);
         let (code, log) = serve.stop(Duration::from_secs(30));
         assert_eq!(code, 0, "{log}");
         assert!(log.contains("card store snapshot written"), "{log}");
@@ -507,10 +414,7 @@ fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changel
             .to_string()
     };
     let second = restore_line(&logs[1]);
-    assert!(
-        second.contains("snapshot=\"used\"") || second.contains("snapshot=used"),
-        "{second}"
-    );
+    assert!(second.contains("snapshot=\"used\""), "{second}");
     assert!(!second.contains("from_snapshot=0"), "{second}");
     let third = restore_line(&logs[2]);
     assert!(logs[2].contains("corrupt snapshot"), "{}", logs[2]);
@@ -518,19 +422,6 @@ fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changel
         third.contains("from_snapshot=0") && !third.contains(" cards=0"),
         "{third}"
     );
-
-    let records = read_all(&topics.scores);
-    let ids: std::collections::HashSet<String> = records
-        .iter()
-        .map(|(_, _, v)| text(&v["transaction_id"]))
-        .collect();
-    assert_eq!(ids.len(), total, "every transaction scored");
-    let wrong = differing(&records, &reference);
-    assert!(
-        wrong.is_empty(),
-        "{} differ, e.g. {:?}\n{}",
-        wrong.len(),
-        &wrong[..wrong.len().min(5)],
-        logs.join("\n---\n")
-    );
+    let all = logs.join("\n---\n");
+    assert_like_uninterrupted(&read_all(&case.topics.scores), &case.reference, &all);
 }
