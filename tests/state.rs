@@ -425,3 +425,43 @@ fn a_restart_uses_the_local_snapshot_and_a_corrupt_one_falls_back_to_the_changel
     let all = logs.join("\n---\n");
     assert_like_uninterrupted(&read_all(&case.topics.scores), &case.reference, &all);
 }
+
+/// The zombie stops: a second process starting with the same `--instance-id` in exactly-once
+/// mode takes over the first's transactional id and static membership: the first exits
+/// non-zero with the reason instead of going on, and the second scores the rest, each score
+/// equal to the uninterrupted run's. (Apache Kafka refuses the fenced producer's next commit at
+/// once with PRODUCER_FENCED; the test broker, tansu, lets it time out and then still applies
+/// the zombie's in-flight transaction without its offsets, so its records appear twice here:
+/// "each output once" across a live zombie cannot be checked on this broker.)
+#[test]
+fn a_fenced_exactly_once_member_stops_and_the_new_one_scores_the_rest() {
+    let case = Case::new("30", "200", 2);
+    let flags = ["--exactly-once", "--instance-id", "twin"];
+    let a = case.serve(&flags);
+    a.wait_ready(Duration::from_secs(60));
+    // Traffic throughout: the first member keeps trying to commit after the second starts.
+    let producer = std::process::Command::new(assert_cmd::cargo::cargo_bin("fraudstream"))
+        .args([
+            "replay",
+            "--brokers",
+            &brokers(),
+            "--topic",
+            &case.topics.input,
+        ])
+        .args(["--rate", "400", "--data"])
+        .arg(&case.file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _producer = common::KillOnDrop(producer);
+    a.wait_metrics(Duration::from_secs(60), "A scoring", |t| scored(t) >= 400.0);
+    let b = case.serve(&flags);
+    let (code_a, log_a) = a.wait(Duration::from_secs(90));
+    assert_ne!(code_a, 0, "the fenced member exits non-zero:\n{log_a}");
+    assert!(log_a.contains("exactly-once:"), "{log_a}");
+    case.wait_scored(case.total());
+    let (code_b, log_b) = b.stop(Duration::from_secs(30));
+    assert_eq!(code_b, 0, "{log_b}");
+    assert_like_uninterrupted(&read_all(&case.topics.scores), &case.reference, &log_b);
+}

@@ -108,3 +108,13 @@ pub fn envelope(payload: Vec<u8>, offset: i64) -> fraudstream::stream::Envelope 
         generation: 0,
     }
 }
+
+/// A child process killed when the test lets go of it (a failed test leaves nothing running).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
