@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Write each card's state to a changelog topic during the end-to-end run (its cost).
     #[arg(long)]
     pub changelog: bool,
+    /// With --changelog: the changelog cache's flush interval (as `serve --changelog-flush-ms`).
+    #[arg(long, default_value_t = crate::state::cache::DEFAULT_FLUSH_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=crate::state::cache::MAX_FLUSH_INTERVAL.as_millis() as u64))]
+    pub changelog_flush_ms: u64,
     /// Run the end-to-end part exactly-once (Kafka transactions; its cost).
     #[arg(long)]
     pub exactly_once: bool,
@@ -208,6 +212,7 @@ fn end_to_end(
             KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
         settings.on_assigned = Some(assigned);
         settings.changelog_topic = args.changelog.then(|| changelog.clone());
+        settings.changelog_flush = std::time::Duration::from_millis(args.changelog_flush_ms);
         settings.exactly_once = args
             .exactly_once
             .then_some(crate::stream::kafka::DEFAULT_TRANSACTION_INTERVAL);
@@ -254,14 +259,33 @@ fn end_to_end(
     };
     let mut out = Vec::new();
     if args.changelog {
-        let records = metrics.changelog_records.get();
-        let per_tx = metrics.changelog_bytes.get() as f64 / records.max(1) as f64;
+        let (records, coalesced) = (
+            metrics.changelog_records.get(),
+            metrics.changelog_coalesced.get(),
+        );
+        // Every scored transaction changed its card once: written, or coalesced into a later
+        // change of the same card.
+        let changes = records + coalesced;
+        let bytes = metrics.changelog_bytes.get() as f64;
+        let per_tx = bytes / changes.max(1) as f64;
+        let per_record = bytes / records.max(1) as f64;
+        let flush_ms = args.changelog_flush_ms;
         if !args.json {
-            println!("changelog: {records} records, {per_tx:.0} bytes per scored transaction");
+            println!(
+                "changelog (flush every {flush_ms} ms): {records} records for {changes} card changes \
+                 ({:.1}% coalesced), {per_record:.0} bytes per record, {per_tx:.0} bytes per scored transaction",
+                100.0 * coalesced as f64 / changes.max(1) as f64
+            );
         }
         out.push((
             "changelog",
-            json!({"records": records, "bytes_per_transaction": per_tx.round()}),
+            json!({
+                "flush_ms": flush_ms,
+                "records": records,
+                "coalesced": coalesced,
+                "bytes_per_record": per_record.round(),
+                "bytes_per_transaction": per_tx.round(),
+            }),
         ));
     }
     Ok([

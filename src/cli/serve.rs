@@ -14,6 +14,7 @@ use crate::features::StateLimits;
 use crate::model::Bundle;
 use crate::observe::{Metrics, QualitySettings, spawn_server};
 use crate::schema::{Format, Span, StateScope};
+use crate::state::cache::{DEFAULT_FLUSH_INTERVAL, MAX_FLUSH_INTERVAL};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
 use crate::stream::kafka::{DEFAULT_TRANSACTION_INTERVAL, KafkaSettings, run_kafka};
 use crate::stream::{
@@ -70,12 +71,18 @@ pub struct ServeArgs {
     /// Kafka topic for dead letters (optional; they are always counted and logged).
     #[arg(long)]
     pub dead_letter_topic: Option<String>,
-    /// Kafka topic where each card's state is written after every transaction (compacted,
-    /// keyed by card, with as many partitions as the input topic): the cards of newly assigned
+    /// Kafka topic where each card's state is written after it changes (compacted, keyed by
+    /// card, with as many partitions as the input topic): the cards of newly assigned
     /// partitions are restored from it before their records are scored, so a restart, crash or
     /// rebalance does not empty their windows.
     #[arg(long, conflicts_with = "input")]
     pub changelog_topic: Option<String>,
+    /// With --changelog-topic: a card's changes within this many milliseconds are coalesced into
+    /// one changelog record (0: one record per transaction; at most 1000). Input offsets are
+    /// committed only at these flushes.
+    #[arg(long, default_value_t = DEFAULT_FLUSH_INTERVAL.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_FLUSH_INTERVAL.as_millis() as u64))]
+    pub changelog_flush_ms: u64,
     /// Kafka topic of fraud labels, JSON `{transaction_id, is_fraud, labelled_at}`, joined to
     /// remembered scores for live precision and recall (inline labels always count).
     #[arg(long, conflicts_with = "input")]
@@ -301,6 +308,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 dead_letter_topic: args.dead_letter_topic,
                 labels_topic: args.labels_topic,
                 changelog_topic: args.changelog_topic,
+                changelog_flush: Duration::from_millis(args.changelog_flush_ms),
                 instance_id: args.instance_id,
                 state_dir: args.state_dir.map(|d| {
                     (

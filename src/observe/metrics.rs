@@ -27,10 +27,13 @@ pub struct Metrics {
     pub delivery_failures: IntCounter,
     /// 1 while librdkafka's statistics show a broker connection up.
     pub broker_up: IntGauge,
-    /// Changelog records produced (one per scored transaction with `--changelog-topic`).
+    /// Changelog records produced (with `--changelog-topic`: one per card changed within a flush
+    /// interval).
     pub changelog_records: IntCounter,
     /// Bytes of changelog record payloads produced.
     pub changelog_bytes: IntCounter,
+    /// Card-state changes coalesced into a later change of the same card before being written.
+    pub changelog_coalesced: IntCounter,
     /// Cards restored from the changelog.
     pub restored_cards: IntCounter,
     /// Changelog records or cards not restored, by reason.
@@ -178,6 +181,10 @@ impl Metrics {
             changelog_bytes: r.add(IntCounter::new(
                 "fraudstream_changelog_bytes_total",
                 "Bytes of card-state records produced to the changelog topic (payloads)",
+            )?)?,
+            changelog_coalesced: r.add(IntCounter::new(
+                "fraudstream_changelog_coalesced_total",
+                "Card-state changes replaced by a later change of the same card within a flush interval (never written)",
             )?)?,
             restored_cards: r.add(IntCounter::new(
                 "fraudstream_state_restored_cards_total",

@@ -6,6 +6,12 @@
 //! order and storing as they complete keeps both promises. A partition whose delivery failed
 //! stores nothing more in this run: its failed message is read again after a restart.
 //!
+//! Barriers: a sink that holds some records back to coalesce them (the changelog's record cache)
+//! marks its messages `deferred` and later hands over a [`Handover::Barrier`] with the held
+//! records' acknowledgements. A deferred message's offset is stored only at the next barrier
+//! that is acknowledged, and then only the last one of each partition: stored offsets (and so
+//! commits) fall only on flush boundaries.
+//!
 //! Revocation: [`Assignment::revoke`] bumps the partition's generation, so work read under the
 //! old generation is dropped before it is published, then waits for what was already published
 //! to be stored, and only then lets the transport commit.
@@ -56,6 +62,17 @@ pub struct Delivery {
     /// For a scored transaction, its transport timestamp (ms) and ingestion instant: its
     /// end-to-end latency ends at the acknowledgement.
     pub timing: Option<(Option<i64>, Instant)>,
+    /// Its offset waits for the next barrier (the sink held some of its records back).
+    pub deferred: bool,
+}
+
+/// What the publisher hands the acknowledger, in publishing order.
+pub enum Handover {
+    /// One message's outputs.
+    Message(Delivery),
+    /// Records held back until now (e.g. the changelog cache's flush): once these are
+    /// acknowledged, the deferred messages before it are handled.
+    Barrier(Vec<Ack>),
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +89,8 @@ pub struct Assignment {
     parts: Mutex<HashMap<i32, Part>>,
     settled: Condvar,
     acknowledged: AtomicU64,
+    /// Tells the publisher a revocation waits: records it holds back must go now.
+    revoking: tokio::sync::Notify,
 }
 
 impl Assignment {
@@ -106,6 +125,11 @@ impl Assignment {
         self.settled.notify_all();
     }
 
+    /// Resolves when a revocation is waiting for published work (see [`Handover::Barrier`]).
+    pub async fn revoking(&self) {
+        self.revoking.notified().await;
+    }
+
     /// How many published messages were acknowledged (stored or failed) so far.
     pub fn acknowledged(&self) -> u64 {
         self.acknowledged.load(Ordering::Relaxed)
@@ -120,6 +144,7 @@ impl Assignment {
         for p in partitions {
             parts.entry(*p).or_default().generation += 1;
         }
+        self.revoking.notify_one();
         loop {
             let busy = partitions
                 .iter()
@@ -141,11 +166,12 @@ impl Assignment {
 }
 
 /// Awaits deliveries in consumption order and stores each message's offset once all its
-/// acknowledgements arrived; `on_acked` gets each scored transaction's timing (for latency),
-/// `on_failed` each message with an output that was not delivered (and why). Ends when `rx`
-/// closes.
+/// acknowledgements arrived (a deferred message's: at the next acknowledged barrier, the last of
+/// each partition only); `on_acked` gets each scored transaction's timing (for latency) when its
+/// own outputs are acknowledged, `on_failed` each message with an output that was not delivered
+/// (and why). Ends when `rx` closes.
 pub async fn acknowledge(
-    mut rx: mpsc::Receiver<Delivery>,
+    mut rx: mpsc::Receiver<Handover>,
     offsets: &dyn OffsetStore,
     assignment: &Assignment,
     mut on_acked: impl FnMut(Option<i64>, Instant),
@@ -153,7 +179,24 @@ pub async fn acknowledge(
 ) {
     // One source reads one topic: partitions are keyed by number.
     let mut failed: HashSet<i32> = HashSet::new();
-    while let Some(d) = rx.recv().await {
+    // Deferred messages acknowledged since the last barrier, in order.
+    let mut held: Vec<Origin> = Vec::new();
+    while let Some(item) = rx.recv().await {
+        let d = match item {
+            Handover::Message(d) => d,
+            Handover::Barrier(acks) => {
+                barrier(
+                    acks,
+                    &mut held,
+                    &mut failed,
+                    offsets,
+                    assignment,
+                    &mut on_failed,
+                )
+                .await;
+                continue;
+            }
+        };
         let mut ok = true;
         for ack in d.acks {
             if let Err(e) = ack.await {
@@ -168,16 +211,62 @@ pub async fn acknowledge(
             if let Some((ts, at)) = d.timing {
                 on_acked(ts, at);
             }
-            if let Err(e) = offsets.store(&d.origin) {
-                // The partition was revoked meanwhile: its next owner re-reads from the commit.
-                tracing::debug!(
-                    partition = d.origin.partition,
-                    offset = d.origin.offset,
-                    "store offset: {e}"
-                );
+            if d.deferred {
+                held.push(d.origin);
+                continue;
             }
+            store(offsets, &d.origin);
         }
         assignment.stored(&d.origin);
+    }
+    // No barrier after these (the publisher stopped early): their offsets stay unstored.
+    for o in held {
+        assignment.stored(&o);
+    }
+}
+
+/// The held records are acknowledged (or not): the last held message of each partition is
+/// stored, so the stored offset is the flush boundary; on a failure none is, and those partitions
+/// store nothing more in this run.
+async fn barrier(
+    acks: Vec<Ack>,
+    held: &mut Vec<Origin>,
+    failed: &mut HashSet<i32>,
+    offsets: &dyn OffsetStore,
+    assignment: &Assignment,
+    on_failed: &mut impl FnMut(&Origin, &str),
+) {
+    let mut error = None;
+    for ack in acks {
+        if let Err(e) = ack.await {
+            error.get_or_insert(e);
+        }
+    }
+    let mut last: HashMap<i32, &Origin> = HashMap::new();
+    for o in held.iter() {
+        last.insert(o.partition, o);
+    }
+    for (partition, o) in last {
+        if let Some(e) = &error {
+            on_failed(o, e);
+            failed.insert(partition);
+        } else if !failed.contains(&partition) {
+            store(offsets, o);
+        }
+    }
+    for o in held.drain(..) {
+        assignment.stored(&o);
+    }
+}
+
+fn store(offsets: &dyn OffsetStore, origin: &Origin) {
+    if let Err(e) = offsets.store(origin) {
+        // The partition was revoked meanwhile: its next owner re-reads from the commit.
+        tracing::debug!(
+            partition = origin.partition,
+            offset = origin.offset,
+            "store offset: {e}"
+        );
     }
 }
 
@@ -213,12 +302,22 @@ mod tests {
         (tx, ack)
     }
 
-    fn delivery(partition: i32, offset: i64, acks: Vec<Ack>) -> Delivery {
-        Delivery {
+    fn delivery(partition: i32, offset: i64, acks: Vec<Ack>) -> Handover {
+        Handover::Message(Delivery {
             origin: origin(partition, offset),
             acks,
             timing: None,
-        }
+            deferred: false,
+        })
+    }
+
+    fn deferred(partition: i32, offset: i64) -> Handover {
+        Handover::Message(Delivery {
+            origin: origin(partition, offset),
+            acks: vec![ready(Ok(()))],
+            timing: None,
+            deferred: true,
+        })
     }
 
     #[tokio::test]
@@ -282,6 +381,82 @@ mod tests {
             *store.0.lock().unwrap(),
             [(0, 1), (1, 7)],
             "offset 2 failed: neither it nor 3 may be stored, so both are read again"
+        );
+    }
+
+    #[tokio::test]
+    async fn deferred_offsets_are_stored_only_at_barriers_and_only_the_last_of_each_partition() {
+        let store = Arc::new(Recorder::default());
+        let assignment = Arc::new(Assignment::default());
+        let (tx, rx) = mpsc::channel(16);
+        let task = {
+            let (store, assignment) = (store.clone(), assignment.clone());
+            tokio::spawn(async move {
+                acknowledge(rx, &*store, &assignment, |_, _| {}, |_, _| {}).await
+            })
+        };
+        for o in [10, 11, 12] {
+            assert!(assignment.begin(&origin(0, o)));
+        }
+        tx.send(deferred(0, 10)).await.unwrap();
+        tx.send(deferred(0, 11)).await.unwrap();
+        tx.send(deferred(1, 3)).await.unwrap();
+        let (flushed, ack) = pending();
+        tx.send(Handover::Barrier(vec![ack])).await.unwrap();
+        tx.send(deferred(0, 12)).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(
+            store.0.lock().unwrap().is_empty(),
+            "nothing is stored before the barrier is acknowledged"
+        );
+        assert!(
+            !assignment.revoke(&[0], Duration::from_millis(20)),
+            "held messages are still in flight"
+        );
+        flushed.send(Ok(())).unwrap();
+        tx.send(Handover::Barrier(vec![])).await.unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let mut stored = store.0.lock().unwrap().clone();
+        stored.sort();
+        assert_eq!(
+            stored,
+            [(0, 11), (0, 12), (1, 3)],
+            "offset 10 is inside the flushed range: never stored on its own"
+        );
+        assert!(assignment.revoke(&[0, 1], Duration::ZERO), "all settled");
+    }
+
+    #[tokio::test]
+    async fn a_failed_barrier_stores_none_of_its_messages_and_stops_their_partitions() {
+        let store = Recorder::default();
+        let assignment = Assignment::default();
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(deferred(0, 1)).await.unwrap();
+        tx.send(Handover::Barrier(vec![ready(Err("broker gone".into()))]))
+            .await
+            .unwrap();
+        tx.send(deferred(0, 2)).await.unwrap();
+        tx.send(deferred(1, 9)).await.unwrap();
+        tx.send(Handover::Barrier(vec![ready(Ok(()))]))
+            .await
+            .unwrap();
+        tx.send(deferred(1, 10)).await.unwrap();
+        drop(tx);
+        let mut failures = Vec::new();
+        acknowledge(
+            rx,
+            &store,
+            &assignment,
+            |_, _| {},
+            |o, e| failures.push((o.partition, o.offset, e.to_string())),
+        )
+        .await;
+        assert_eq!(failures, [(0, 1, "broker gone".to_string())]);
+        assert_eq!(
+            *store.0.lock().unwrap(),
+            [(1, 9)],
+            "partition 0 failed; offset 10 of partition 1 had no barrier"
         );
     }
 

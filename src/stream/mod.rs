@@ -30,7 +30,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-pub use acks::{Ack, Assignment, Delivery, OffsetStore};
+pub use acks::{Ack, Assignment, Delivery, Handover, OffsetStore};
 pub use batcher::BatchSettings;
 pub use detector::{
     DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Decision, Detector,
@@ -100,12 +100,27 @@ pub trait Source: Send + 'static {
 pub trait Sink: Send + 'static {
     /// Whether every score is published (score records are built only then).
     fn wants_scores(&self) -> bool;
-    /// Hands a settled outcome's records to the transport. The acknowledgements resolve once
-    /// they are durable; an error means nothing more can be written (the run stops).
-    fn publish(&mut self, settled: &Settled) -> Result<Vec<Ack>, StreamError>;
+    /// Hands a settled outcome's records to the transport (it may take them out of `settled`).
+    /// The acknowledgements resolve once they are durable; an error means nothing more can be
+    /// written (the run stops).
+    fn publish(&mut self, settled: &mut Settled) -> Result<Vec<Ack>, StreamError>;
     /// The pipeline has caught up for now (files flush here, so a tail -f reader sees alerts).
     fn idle(&mut self) -> Result<(), StreamError> {
         Ok(())
+    }
+    /// Whether the sink holds some of a message's records back (to coalesce them): its offset
+    /// then waits for the next [`Sink::barrier`] (see [`acks`]).
+    fn defers_offsets(&self) -> bool {
+        false
+    }
+    /// When held-back records must be handed over (None: none held).
+    fn barrier_due(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+    /// Hands held-back records to the transport when they are due, or now with `force`; returns
+    /// their acknowledgements (None: nothing held, or not due).
+    fn barrier(&mut self, _force: bool) -> Result<Option<Vec<Ack>>, StreamError> {
+        Ok(None)
     }
     /// End of run: everything handed over is written or delivered.
     fn flush(&mut self) -> impl Future<Output = Result<(), StreamError>> + Send;
@@ -125,7 +140,7 @@ pub async fn run<S: Source, K: Sink>(
     let run = Arc::new(Run::new(detector.metrics().clone()));
     let (in_tx, in_rx) = mpsc::channel(batch.queue);
     let (out_tx, out_rx) = mpsc::channel::<Outcome>(batch.queue);
-    let (ack_tx, ack_rx) = mpsc::channel::<Delivery>(batch.queue);
+    let (ack_tx, ack_rx) = mpsc::channel::<Handover>(batch.queue);
     let scorer = Scorer {
         model: detector.model(),
         threshold: detector.threshold(),
@@ -280,22 +295,40 @@ async fn read_until_stopped<S: Source>(
 }
 
 /// Step 4 and 5, settle and publish: each scored outcome of a partition still held is settled
-/// and handed to the sink, its acknowledgements queued for the acknowledger in order.
+/// and handed to the sink, its acknowledgements queued for the acknowledger in order. Records
+/// the sink holds back go out when due, when a revocation waits for them, and at the end, each
+/// time as a barrier for the acknowledger.
 async fn publish_loop<K: Sink>(
     detector: Arc<Detector>,
     assignment: Arc<Assignment>,
     mut sink: K,
     mut out_rx: mpsc::Receiver<Outcome>,
-    ack_tx: mpsc::Sender<Delivery>,
+    ack_tx: mpsc::Sender<Handover>,
 ) -> Result<(), StreamError> {
     let scores = sink.wants_scores();
-    while let Some(outcome) = out_rx.recv().await {
+    let deferred = sink.defers_offsets();
+    loop {
+        let due = sink.barrier_due();
+        let outcome = tokio::select! {
+            biased;
+            outcome = out_rx.recv() => match outcome {
+                Some(outcome) => outcome,
+                None => break,
+            },
+            // A revocation waits, or held records are due: hand them over now.
+            () = assignment.revoking() => {
+                if hand_barrier(&mut sink, true, &ack_tx).await? { continue } else { break }
+            }
+            () = sleep_until(due), if due.is_some() => {
+                if hand_barrier(&mut sink, true, &ack_tx).await? { continue } else { break }
+            }
+        };
         if !assignment.begin(&outcome.origin) {
             Event::Dropped(&outcome.origin).emit(detector.metrics());
             continue;
         }
-        let settled = settle(&detector, outcome, scores);
-        let acks = match sink.publish(&settled) {
+        let mut settled = settle(&detector, outcome, scores);
+        let acks = match sink.publish(&mut settled) {
             Ok(acks) => acks,
             Err(e) => {
                 assignment.stored(&settled.origin);
@@ -306,15 +339,40 @@ async fn publish_loop<K: Sink>(
             origin: settled.origin,
             acks,
             timing: settled.timing,
+            deferred,
         };
-        if ack_tx.send(delivery).await.is_err() {
+        if ack_tx.send(Handover::Message(delivery)).await.is_err()
+            || !hand_barrier(&mut sink, false, &ack_tx).await?
+        {
             break;
         }
         if out_rx.is_empty() {
             sink.idle()?;
         }
     }
+    hand_barrier(&mut sink, true, &ack_tx).await?;
     sink.flush().await
+}
+
+/// Sleeps until `at` (None: forever).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Hands the sink's held-back records over (when due, or `force`) and queues their barrier;
+/// false when the acknowledger is gone.
+async fn hand_barrier<K: Sink>(
+    sink: &mut K,
+    force: bool,
+    ack_tx: &mpsc::Sender<Handover>,
+) -> Result<bool, StreamError> {
+    Ok(match sink.barrier(force)? {
+        Some(acks) => ack_tx.send(Handover::Barrier(acks)).await.is_ok(),
+        None => true,
+    })
 }
 
 /// Step 6, acknowledge: offsets stored in order once outputs are durable; latency recorded at
@@ -324,7 +382,7 @@ fn spawn_acker(
     run: &Arc<Run>,
     offsets: Arc<dyn OffsetStore>,
     assignment: Arc<Assignment>,
-    ack_rx: mpsc::Receiver<Delivery>,
+    ack_rx: mpsc::Receiver<Handover>,
 ) -> tokio::task::JoinHandle<()> {
     let (run, metrics) = (run.clone(), detector.metrics().clone());
     tokio::spawn(async move {

@@ -89,7 +89,7 @@ impl Sink for FileSink {
         self.scores.is_some()
     }
 
-    fn publish(&mut self, s: &Settled) -> Result<Vec<Ack>, StreamError> {
+    fn publish(&mut self, s: &mut Settled) -> Result<Vec<Ack>, StreamError> {
         self.write_all(s).map_err(sink_error)?;
         Ok(Vec::new())
     }

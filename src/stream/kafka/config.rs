@@ -27,6 +27,9 @@ pub struct KafkaSettings {
     pub labels_topic: Option<String>,
     /// Card-state changelog (compacted, partitioned like the input; see [`crate::state`]).
     pub changelog_topic: Option<String>,
+    /// How long a card's changes are coalesced before its changelog record is written
+    /// ([`crate::state::cache`]).
+    pub changelog_flush: std::time::Duration,
     /// Static group membership (`group.instance.id`): a member that comes back within the
     /// session timeout gets its partitions back without a rebalance.
     pub instance_id: Option<String>,
@@ -55,6 +58,7 @@ impl KafkaSettings {
             dead_letter_topic: None,
             labels_topic: None,
             changelog_topic: None,
+            changelog_flush: crate::state::cache::DEFAULT_FLUSH_INTERVAL,
             instance_id: None,
             exactly_once: None,
             state_dir: None,

@@ -127,7 +127,7 @@ pub async fn run_kafka(
         s.dead_letter_topic.clone(),
     );
     if let Some(topic) = &s.changelog_topic {
-        sink = sink.with_changelog(topic.clone(), detector.metrics().clone());
+        sink = sink.with_changelog(topic.clone(), s.changelog_flush, detector.metrics().clone());
     }
     if let Some(t) = transactor {
         sink = sink.with_transactions(t, consumer);

@@ -1,7 +1,7 @@
 //! The idempotent producer as a pipeline sink: alerts and scores keyed by card, dead letters
 //! unkeyed; each record's delivery report is its acknowledgement.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -11,6 +11,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use super::context::GroupContext;
 use super::txn::Transactor;
 use crate::observe::Metrics;
+use crate::state::RecordCache;
 use crate::stream::acks::{Ack, ready};
 use crate::stream::{Settled, Sink, StreamError};
 
@@ -23,8 +24,56 @@ pub struct KafkaSink {
     alerts: String,
     scores: Option<String>,
     dead_letters: Option<String>,
-    changelog: Option<(String, Arc<Metrics>)>,
+    changelog: Option<Changelog>,
     exactly_once: Option<ExactlyOnce>,
+}
+
+/// Card states on their way to the changelog topic, coalesced per card in a [`RecordCache`]
+/// for one flush interval (see [`crate::state::cache`]).
+struct Changelog {
+    topic: String,
+    metrics: Arc<Metrics>,
+    cache: Arc<Mutex<RecordCache>>,
+    interval: Duration,
+}
+
+impl Changelog {
+    fn cache(&self) -> std::sync::MutexGuard<'_, RecordCache> {
+        self.cache.lock().expect("changelog cache lock")
+    }
+
+    /// Holds a card's new state until the next flush.
+    fn put(&self, partition: i32, card: &str, image: Vec<u8>) {
+        if self.cache().put(partition, card, image) {
+            self.metrics.changelog_coalesced.inc();
+        }
+    }
+
+    /// Sends every held state, each to its card's input partition; their acknowledgements.
+    fn flush(&self, producer: &FutureProducer) -> Vec<Ack> {
+        flush_cache(&self.cache, producer, &self.topic, &self.metrics)
+    }
+}
+
+/// Sends every state held in `cache` to `topic`, counted in `metrics`; their acknowledgements.
+fn flush_cache(
+    cache: &Mutex<RecordCache>,
+    producer: &FutureProducer,
+    topic: &str,
+    metrics: &Metrics,
+) -> Vec<Ack> {
+    let records = cache.lock().expect("changelog cache lock").drain();
+    let mut bytes = 0;
+    let acks: Vec<Ack> = records
+        .iter()
+        .map(|r| {
+            bytes += r.image.len() as u64;
+            send_to(producer, topic, Some(r.partition), Some(&r.card), &r.image)
+        })
+        .collect();
+    metrics.changelog_records.inc_by(acks.len() as u64);
+    metrics.changelog_bytes.inc_by(bytes);
+    acks
 }
 
 /// The transactions of exactly-once mode, and the consumer whose offsets they commit.
@@ -62,12 +111,22 @@ impl KafkaSink {
     }
 
     /// Exactly-once: every message's outputs go into `transactor`'s transactions, which commit
-    /// the message's offset for `consumer`'s group.
+    /// the message's offset for `consumer`'s group. Call after [`KafkaSink::with_changelog`]:
+    /// each transaction then writes the changelog cache before it commits, whoever commits it
+    /// (this sink, or the consumer's rebalance callback).
     pub fn with_transactions(
         mut self,
         transactor: Arc<Transactor>,
         consumer: Arc<StreamConsumer<GroupContext>>,
     ) -> Self {
+        if let Some(c) = &self.changelog {
+            let (cache, producer) = (c.cache.clone(), self.producer.clone());
+            let (topic, metrics) = (c.topic.clone(), c.metrics.clone());
+            transactor.before_commit(Box::new(move || {
+                // The transaction's commit waits for these deliveries and fails if one failed.
+                drop(flush_cache(&cache, &producer, &topic, &metrics));
+            }));
+        }
         self.exactly_once = Some(ExactlyOnce {
             transactor,
             consumer,
@@ -75,9 +134,20 @@ impl KafkaSink {
         self
     }
 
-    /// Also writes card states to the changelog `topic`, counting them in `metrics`.
-    pub fn with_changelog(mut self, topic: String, metrics: Arc<Metrics>) -> Self {
-        self.changelog = Some((topic, metrics));
+    /// Also writes card states to the changelog `topic`, each card's changes within `interval`
+    /// coalesced into one record, counting them in `metrics`.
+    pub fn with_changelog(
+        mut self,
+        topic: String,
+        interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        self.changelog = Some(Changelog {
+            topic,
+            metrics,
+            cache: Arc::default(),
+            interval,
+        });
         self
     }
 }
@@ -121,13 +191,13 @@ impl Sink for KafkaSink {
         self.scores.is_some()
     }
 
-    fn publish(&mut self, s: &Settled) -> Result<Vec<Ack>, StreamError> {
+    fn publish(&mut self, s: &mut Settled) -> Result<Vec<Ack>, StreamError> {
         let Some(eos) = &self.exactly_once else {
             return Ok(self.records(s));
         };
         let acks = eos
             .transactor
-            .within(&s.origin, || Ok::<_, String>(self.records(s)))
+            .within(&s.origin.clone(), || Ok::<_, String>(self.records(s)))
             .map_err(StreamError::Sink)?;
         if eos.transactor.due() {
             eos.commit()?;
@@ -142,6 +212,37 @@ impl Sink for KafkaSink {
         }
     }
 
+    // At-least-once with a changelog, offsets wait for the cache's flushes (exactly-once: the
+    // transactions carry the cache and the offsets together).
+    fn defers_offsets(&self) -> bool {
+        self.changelog.is_some() && self.exactly_once.is_none()
+    }
+
+    fn barrier_due(&self) -> Option<tokio::time::Instant> {
+        let c = self
+            .changelog
+            .as_ref()
+            .filter(|_| self.exactly_once.is_none())?;
+        c.cache()
+            .deadline(c.interval)
+            .map(tokio::time::Instant::from_std)
+    }
+
+    fn barrier(&mut self, force: bool) -> Result<Option<Vec<Ack>>, StreamError> {
+        let Some(c) = self
+            .changelog
+            .as_ref()
+            .filter(|_| self.exactly_once.is_none())
+        else {
+            return Ok(None);
+        };
+        let due = {
+            let cache = c.cache();
+            !cache.is_empty() && (force || cache.due(c.interval))
+        };
+        Ok(due.then(|| c.flush(&self.producer)))
+    }
+
     async fn flush(&mut self) -> Result<(), StreamError> {
         if let Some(eos) = &self.exactly_once {
             eos.commit()?;
@@ -153,8 +254,9 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
-    /// Hands one message's records to the producer.
-    fn records(&self, s: &Settled) -> Vec<Ack> {
+    /// Hands one message's records to the producer (its card's new state to the changelog
+    /// cache).
+    fn records(&self, s: &mut Settled) -> Vec<Ack> {
         let mut acks = Vec::new();
         let key = s.card_id.as_deref();
         if let Some(a) = &s.alert {
@@ -166,13 +268,10 @@ impl KafkaSink {
         if let (Some(topic), Some(letter)) = (&self.dead_letters, &s.dead_letter) {
             acks.push(send(&self.producer, topic, None, &json(&**letter)));
         }
-        // The card's new state, to the input's partition: acknowledged before the input offset is
-        // stored, like every output.
-        if let (Some((topic, m)), Some(state)) = (&self.changelog, &s.changelog) {
-            let p = Some(s.origin.partition);
-            acks.push(send_to(&self.producer, topic, p, key, state));
-            m.changelog_records.inc();
-            m.changelog_bytes.inc_by(state.len() as u64);
+        // The card's new state, held until the next flush; the input offset is stored only once
+        // a flush after it is acknowledged.
+        if let (Some(c), Some(state), Some(card)) = (&self.changelog, s.changelog.take(), key) {
+            c.put(s.origin.partition, card, state);
         }
         acks
     }

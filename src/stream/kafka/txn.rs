@@ -47,7 +47,13 @@ pub struct Transactor {
     txn: Mutex<Txn>,
     interval: Duration,
     failed: Mutex<Option<String>>,
+    /// Hands records held back (the changelog cache) to the producer inside the transaction,
+    /// just before it commits.
+    before_commit: Mutex<Option<BeforeCommit>>,
 }
+
+/// What runs inside each transaction just before its commit.
+pub type BeforeCommit = Box<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for Transactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +75,13 @@ impl Transactor {
             txn: Mutex::default(),
             interval,
             failed: Mutex::default(),
+            before_commit: Mutex::default(),
         })
+    }
+
+    /// Runs `f` inside every transaction just before it commits (the changelog cache's flush).
+    pub fn before_commit(&self, f: BeforeCommit) {
+        *self.before_commit.lock().expect("before-commit lock") = Some(f);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Txn> {
@@ -112,6 +124,9 @@ impl Transactor {
         let mut txn = self.lock();
         if !txn.open {
             return Ok(());
+        }
+        if let Some(f) = &*self.before_commit.lock().expect("before-commit lock") {
+            f();
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &txn.offsets {
