@@ -6,8 +6,8 @@
 //! Why offsets wait for the flush: a coalesced record covers a range of input offsets. If a
 //! committed offset fell inside that range, a restore would find the card's record *ahead* of the
 //! commit and fall back to an older one, silently missing the transactions before the commit. So
-//! at-least-once input offsets are stored only at flush boundaries (the acknowledger's barrier,
-//! see [`crate::stream::acks`]): after a flush every card's latest record is below the offset
+//! at-least-once input offsets are stored only at flush boundaries (the pipeline acknowledger's
+//! barriers): after a flush every card's latest record is below the offset
 //! stored, and every record written later is at or after it.
 
 use std::collections::HashMap;
