@@ -247,7 +247,7 @@ fn end_to_end(
         println!(
             "end to end through the broker ({transactions} transactions produced at {rate} per second): \
              {:.0} tx/s, latency p50 {:.1} ms, p99 {:.1} ms",
-            stats.throughput(),
+            stats.decided_throughput(),
             stats.latency_p50_ms,
             stats.latency_p99_ms
         );
@@ -291,7 +291,10 @@ fn end_to_end(
     Ok([
         out,
         vec![
-            ("end_to_end_tx_per_s", json!(stats.throughput().round())),
+            (
+                "end_to_end_tx_per_s",
+                json!(stats.decided_throughput().round()),
+            ),
             (
                 "latency_ms",
                 json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms}),
