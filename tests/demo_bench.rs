@@ -144,12 +144,22 @@ fn bench_prints_the_documented_json() {
         .unwrap();
     common::assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // GFLOP/s = windows/s x the architecture's FLOP count (18.8 million for this one).
+    let flops = v["inference_flop_per_window"].as_f64().unwrap();
+    assert!((18.7e6..18.9e6).contains(&flops), "{v}");
     for batch in ["1", "32", "256"] {
+        let rate = v["inference_windows_per_s"][batch].as_f64().unwrap();
+        let gflops = v["inference_gflop_per_s"][batch].as_f64().unwrap();
+        assert!(rate > 0.0, "{v}");
         assert!(
-            v["inference_windows_per_s"][batch].as_f64().unwrap() > 0.0,
+            (gflops - rate * flops / 1e9).abs() <= 0.05 + 1e-3 * gflops,
             "{v}"
         );
     }
+    assert!(
+        ["avx512", "avx2+fma", "portable"].contains(&v["inference_isa"].as_str().unwrap()),
+        "{v}"
+    );
     assert!(v["end_to_end_tx_per_s"].as_f64().unwrap() > 0.0);
     let (p50, p99) = (
         v["latency_ms"]["p50"].as_f64().unwrap(),

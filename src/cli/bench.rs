@@ -102,8 +102,14 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let pacing = replay_pacing(&args)?;
     let restore = restore(&bundle, &args)?;
     if args.json {
-        let mut out = json!({ "inference_windows_per_s": inference });
-        for (k, v) in memory.into_iter().chain(e2e).chain(pacing).chain(restore) {
+        let mut out = json!({});
+        for (k, v) in inference
+            .into_iter()
+            .chain(memory)
+            .chain(e2e)
+            .chain(pacing)
+            .chain(restore)
+        {
             out[k] = v;
         }
         println!("{out}");
@@ -111,23 +117,38 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Inference windows/s at batch 1, 32 and 256.
-fn inference(args: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+/// Inference windows/s and GFLOP/s at batch 1, 32 and 256, the FLOP count they are computed
+/// from, and the kernels' instruction set.
+fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
     // Inference is measured on the notebook's architecture with 30 input features (the ULB
     // layout, 312,833 parameters), window 30: the size reference numbers are quoted for. The
     // cost hardly depends on the weights, so seeded random ones do.
     let cfg = ModelConfig::notebook(30, 30);
     let (_, varmap) = init(&cfg, 1, &Device::Cpu)?;
     let network = FastModel::new(&cfg, &weights(&varmap)?)?;
+    let flops = cfg.flops_per_window();
+    let isa = crate::model::kernel::isa().name();
     let mut inference = serde_json::Map::new();
+    let mut gflops = serde_json::Map::new();
     for batch in [1usize, 32, 256] {
         let rate = inference_rate(&network, cfg.window, cfg.input, batch, args.seconds);
+        let achieved = rate * flops as f64 / 1e9;
         if !args.json {
-            println!("inference batch {batch:>3}: {rate:>8.0} windows/s (30 features, window 30)");
+            println!(
+                "inference batch {batch:>3}: {rate:>8.0} windows/s, {achieved:>6.1} GFLOP/s \
+                 (30 features, window 30, {:.1} MFLOP a window, {isa} kernels)",
+                flops as f64 / 1e6
+            );
         }
         inference.insert(batch.to_string(), json!(rate.round()));
+        gflops.insert(batch.to_string(), json!((achieved * 10.0).round() / 10.0));
     }
-    Ok(inference.into())
+    Ok(vec![
+        ("inference_windows_per_s", inference.into()),
+        ("inference_gflop_per_s", gflops.into()),
+        ("inference_flop_per_window", json!(flops)),
+        ("inference_isa", json!(isa)),
+    ])
 }
 
 /// Memory per card, per terminal of the label tables, per remembered score.

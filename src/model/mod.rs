@@ -3,6 +3,7 @@
 mod bundle;
 mod config;
 mod fast;
+pub mod kernel;
 mod layers;
 mod network;
 mod threshold;
@@ -18,7 +19,7 @@ pub use bundle::{
     BUNDLE_MANIFEST, BUNDLE_WEIGHTS, Bundle, BundleError, MANIFEST_FORMAT, Manifest, ThresholdInfo,
 };
 pub use config::ModelConfig;
-pub use fast::FastModel;
+pub use fast::{FastModel, ForwardPath};
 pub use layers::{Attention, Dense, Lstm};
 pub use network::{AttentionLstm, Batch, Output};
 pub use threshold::{Choice, ThresholdRule};
@@ -70,6 +71,18 @@ fn reinit(varmap: &VarMap, seed: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notebook_flops_per_window_for_30_features() {
+        let flops = ModelConfig::notebook(30, 30).flops_per_window();
+        assert!((18_700_000..18_900_000).contains(&flops), "{flops}");
+        // Half the window, about half the work (the attention's T² part is small).
+        let half = ModelConfig::notebook(30, 15).flops_per_window();
+        assert!(
+            half * 2 < flops && half * 2 > flops * 95 / 100,
+            "{half} vs {flops}"
+        );
+    }
 
     #[test]
     fn notebook_parameter_count_for_30_features() {
@@ -134,6 +147,64 @@ mod tests {
             );
             for t in 0..12 {
                 assert!((a[i][t] - a_ref[i][t]).abs() < 1e-5, "attention {i},{t}");
+            }
+        }
+    }
+
+    /// The kernels (this CPU's best instruction set) against the reference forward and the
+    /// candle network: the notebook's architecture with random weights, random windows of every
+    /// padding length 1..=30, one at a time (batch 1) and all together (a batch split over two
+    /// threads), scores and attention within 1e-5.
+    #[test]
+    fn the_kernels_score_like_the_reference_and_candle_at_every_padding_length() {
+        let (window, width) = (30, 30);
+        let cfg = ModelConfig::notebook(width, window);
+        let (model, varmap) = init(&cfg, 11, &Device::Cpu).unwrap();
+        let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        // Every length twice, so the batch (60 + 4) is split over two threads.
+        let lens: Vec<usize> = (1..=window)
+            .chain(1..=window)
+            .chain([30, 1, 17, 30])
+            .collect();
+        let data: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&l| {
+                let mut w: Vec<f32> = (0..window * width)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                w[..(window - l) * width].fill(0.0);
+                w
+            })
+            .collect();
+        let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let batch = Batch::new(&ws, &lens, window, width, &Device::Cpu).unwrap();
+        let (s_candle, a_candle) = model.predict(&batch).unwrap();
+        let (s_ref, a_ref) = fast.predict_on(&ws, &lens, ForwardPath::Reference);
+        let close = |x: f32, y: f32| (x - y).abs() < 1e-5;
+        for isa in kernel::Isa::all_available() {
+            let path = ForwardPath::Kernel(isa);
+            let (s_all, a_all) = fast.predict_on(&ws, &lens, path);
+            for i in 0..lens.len() {
+                let (s_one, a_one) = fast.predict_on(&ws[i..=i], &lens[i..=i], path);
+                let both = [("batch", s_all[i], &a_all[i]), ("one", s_one[0], &a_one[0])];
+                for (name, s, a) in both {
+                    assert!(
+                        close(s, s_ref[i]) && close(s, s_candle[i]),
+                        "{} {name} {i} (length {}): kernel {s}, reference {}, candle {}",
+                        isa.name(),
+                        lens[i],
+                        s_ref[i],
+                        s_candle[i]
+                    );
+                    for t in 0..window {
+                        assert!(
+                            close(a[t], a_ref[i][t]) && close(a[t], a_candle[i][t]),
+                            "{} {name} {i} attention {t}",
+                            isa.name()
+                        );
+                    }
+                }
             }
         }
     }
