@@ -138,6 +138,8 @@ fn bench_prints_the_documented_json() {
             "--changelog",
             "--restore-cards",
             "3000",
+            "--load-levels",
+            "0.5",
         ])
         .timeout(std::time::Duration::from_secs(120))
         .output()
@@ -165,7 +167,21 @@ fn bench_prints_the_documented_json() {
         v["latency_ms"]["p50"].as_f64().unwrap(),
         v["latency_ms"]["p99"].as_f64().unwrap(),
     );
-    assert!(p50 <= p99);
+    assert!(p50 <= p99 && p99 <= v["latency_ms"]["p99_9"].as_f64().unwrap());
+    // Latency at half the flat-out rate: offered at half of what the flat-out run reached.
+    let flat = v["flat_out_tx_per_s"].as_f64().unwrap();
+    let level = &v["latency_at_load"][0];
+    assert_eq!(level["fraction"].as_f64(), Some(0.5), "{v}");
+    assert!(
+        (level["offered_tx_per_s"].as_f64().unwrap() - flat / 2.0).abs() <= 1.0,
+        "{v}"
+    );
+    let (p50, p99, p999) = (
+        level["p50_ms"].as_f64().unwrap(),
+        level["p99_ms"].as_f64().unwrap(),
+        level["p99_9_ms"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= p999, "{v}");
     let per_card = v["memory_per_card_bytes"].as_f64().unwrap();
     assert!(per_card > 0.0);
     // The worst card the input checks let through (256-byte ids, every hourly bucket of 30 days

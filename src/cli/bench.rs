@@ -18,7 +18,7 @@ use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
 use crate::observe::Metrics;
 use crate::sim::{SimConfig, Simulator};
 use crate::stream::kafka::{KafkaSettings, run_kafka};
-use crate::stream::{Detector, DetectorSettings};
+use crate::stream::{Detector, DetectorSettings, RunStats};
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -60,9 +60,29 @@ pub struct BenchArgs {
     /// (0: skip).
     #[arg(long, default_value_t = 100_000)]
     pub restore_cards: usize,
+    /// Latency at these fractions of the flat-out end-to-end rate (measured first), comma
+    /// separated; empty (`--load-levels ''`) skips them.
+    #[arg(long, default_value = "0.25,0.5,0.9", value_parser = parse_levels)]
+    pub load_levels: LoadLevels,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Fractions of the flat-out rate, each in (0, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadLevels(pub Vec<f64>);
+
+fn parse_levels(s: &str) -> Result<LoadLevels, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+            _ => Err(format!("{p:?} is not a fraction in (0, 1]")),
+        })
+        .collect::<Result<_, _>>()
+        .map(LoadLevels)
 }
 
 /// Windows per second of the scoring network at one batch size, full 30-step windows.
@@ -99,6 +119,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let inference = inference(&args)?;
     let memory = memory(&bundle, args.json);
     let e2e = end_to_end(&bundle, &args)?;
+    let loads = load_levels(&bundle, &args)?;
     let pacing = replay_pacing(&args)?;
     let restore = restore(&bundle, &args)?;
     if args.json {
@@ -107,6 +128,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .chain(memory)
             .chain(e2e)
+            .chain(loads)
             .chain(pacing)
             .chain(restore)
         {
@@ -188,13 +210,16 @@ fn memory(bundle: &Bundle, quiet: bool) -> Vec<(&'static str, serde_json::Value)
         .collect()
 }
 
-/// End to end through a broker: simulated traffic produced at --rate while the detector
-/// consumes it; latency is from each message's Kafka timestamp to its acknowledgement.
-fn end_to_end(
+/// One end-to-end run: the simulated days produced at `rate` a second (0: as fast as possible)
+/// while a detector consumes them; latency is from each message's Kafka timestamp to its
+/// acknowledgement. Topics and group are named after the process and `tag`.
+fn e2e_run(
     bundle: &Bundle,
     args: &BenchArgs,
-) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
-    let suffix = std::process::id();
+    rate: f64,
+    tag: &str,
+) -> anyhow::Result<(RunStats, Arc<Metrics>, u64)> {
+    let suffix = format!("{}-{tag}", std::process::id());
     let (input, alerts) = (
         format!("bench-transactions-{suffix}"),
         format!("bench-alerts-{suffix}"),
@@ -223,7 +248,7 @@ fn end_to_end(
         let assigned = Arc::new(tokio::sync::Notify::new());
         let producer = {
             let (brokers, input, assigned) = (brokers.clone(), input.clone(), assigned.clone());
-            let rate = (args.rate > 0.0).then_some(args.rate);
+            let rate = (rate > 0.0).then_some(rate);
             tokio::spawn(async move {
                 assigned.notified().await;
                 replay_simulation(&brokers, &input, sim, rate).await
@@ -259,6 +284,16 @@ fn end_to_end(
         "scored {} of {transactions}",
         stats.scored
     );
+    Ok((stats, metrics, transactions))
+}
+
+/// End to end through a broker at `--rate`: throughput, latency, and with `--changelog` the
+/// changelog's cost.
+fn end_to_end(
+    bundle: &Bundle,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
+    let (stats, metrics, transactions) = e2e_run(bundle, args, args.rate, "main")?;
     if !args.json {
         let rate = if args.rate > 0.0 {
             args.rate.to_string()
@@ -318,7 +353,7 @@ fn end_to_end(
             ),
             (
                 "latency_ms",
-                json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms}),
+                json!({"p50": stats.latency_p50_ms, "p99": stats.latency_p99_ms, "p99_9": stats.latency_p999_ms}),
             ),
             ("end_to_end_broker", json!(broker_kind)),
             ("end_to_end_rate_limit_per_s", json!(args.rate)),
@@ -327,6 +362,46 @@ fn end_to_end(
         ],
     ]
     .concat())
+}
+
+/// Latency at fractions of the flat-out rate: one run as fast as possible, then one per
+/// `--load-levels` fraction at that share of the rate it reached.
+fn load_levels(
+    bundle: &Bundle,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
+    if args.load_levels.0.is_empty() {
+        return Ok(vec![]);
+    }
+    let (flat, _, _) = e2e_run(bundle, args, 0.0, "flat")?;
+    let max = flat.decided_throughput();
+    let mut levels = Vec::new();
+    for (i, fraction) in args.load_levels.0.iter().enumerate() {
+        let offered = (fraction * max).max(1.0);
+        let (stats, _, _) = e2e_run(bundle, args, offered, &format!("load{i}"))?;
+        if !args.json {
+            println!(
+                "at {:.0}% of the flat-out {max:.0} tx/s ({offered:.0} tx/s offered): latency p50 \
+                 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms",
+                fraction * 100.0,
+                stats.latency_p50_ms,
+                stats.latency_p99_ms,
+                stats.latency_p999_ms
+            );
+        }
+        levels.push(json!({
+            "fraction": fraction,
+            "offered_tx_per_s": offered.round(),
+            "achieved_tx_per_s": stats.decided_throughput().round(),
+            "p50_ms": stats.latency_p50_ms,
+            "p99_ms": stats.latency_p99_ms,
+            "p99_9_ms": stats.latency_p999_ms,
+        }));
+    }
+    Ok(vec![
+        ("flat_out_tx_per_s", json!(max.round())),
+        ("latency_at_load", json!(levels)),
+    ])
 }
 
 /// Restore from a changelog: `--restore-cards` cards, each with a full window of the model,

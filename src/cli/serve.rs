@@ -111,7 +111,8 @@ pub struct ServeArgs {
     /// Score a batch when this many windows wait...
     #[arg(long, default_value_t = BatchSettings::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
-    /// ...or when the oldest has waited this long (milliseconds).
+    /// ...or when the oldest has waited this long (milliseconds). 0: adaptive, score at once
+    /// whatever waits when the scorer is free (large batches form by themselves under load).
     #[arg(long, default_value_t = BatchSettings::DEFAULT_MAX_WAIT_MS)]
     pub max_wait_ms: u64,
     /// Capacity of the queues between stages (back-pressure beyond it).

@@ -92,6 +92,7 @@ impl Run {
             decided_s: self.last_decided_us.load(Ordering::Relaxed) as f64 / 1e6,
             latency_p50_ms: ms(0.5),
             latency_p99_ms: ms(0.99),
+            latency_p999_ms: ms(0.999),
         }
     }
 }
@@ -128,6 +129,8 @@ pub struct RunStats {
     pub latency_p50_ms: f64,
     /// 99th percentile end-to-end latency, milliseconds.
     pub latency_p99_ms: f64,
+    /// 99.9th percentile end-to-end latency, milliseconds.
+    pub latency_p999_ms: f64,
 }
 
 impl RunStats {
