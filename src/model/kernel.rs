@@ -55,6 +55,15 @@ impl Isa {
         self.rank() <= BEST.get_or_init(|| detect("")).rank()
     }
 
+    /// Panics unless this CPU can run it (the kernels' safety check).
+    fn require(self) {
+        assert!(
+            self.available(),
+            "{} is not available on this CPU",
+            self.name()
+        );
+    }
+
     /// Every instruction set this CPU can run, best first.
     pub fn all_available() -> Vec<Isa> {
         [Isa::Avx512, Isa::Avx2Fma, Isa::Portable]
@@ -137,11 +146,7 @@ pub fn matmul_acc(isa: Isa, a: &[f32], m: usize, lda: usize, w: &Packed, out: &m
         "matmul input shape"
     );
     assert!(out.len() >= m * w.n, "matmul output shape");
-    assert!(
-        isa.available(),
-        "{} is not available on this CPU",
-        isa.name()
-    );
+    isa.require();
     match isa {
         // SAFETY: the CPU has the features (checked by `isa`).
         #[cfg(target_arch = "x86_64")]
@@ -387,11 +392,7 @@ pub fn tanh(x: f32) -> f32 {
 /// order, pre-activation) update the cell `c [h]` and hidden state `h [h]` in one pass, on
 /// instruction set `isa` (panics if this CPU lacks it).
 pub fn lstm_cell(isa: Isa, g: &[f32], c: &mut [f32], h: &mut [f32]) {
-    assert!(
-        isa.available(),
-        "{} is not available on this CPU",
-        isa.name()
-    );
+    isa.require();
     match isa {
         // SAFETY: the CPU has the features (checked by `isa`).
         #[cfg(target_arch = "x86_64")]
