@@ -85,6 +85,8 @@ pub async fn run_kafka(
             .map_err(setup)?,
     );
     consumer.subscribe(&[&s.input_topic]).map_err(setup)?;
+    // Held to the end so that the consumer's close (leaving the group) happens here, bounded.
+    let closing = consumer.clone();
     // Dead letters of labels carry no offsets: outside any transaction.
     let label_producer = if transactor.is_some() {
         let plain = KafkaSettings {
@@ -139,7 +141,30 @@ pub async fn run_kafka(
     if let Some(t) = snapshots {
         t.abort();
     }
+    close_consumer(closing).await;
     stats
+}
+
+/// How long leaving the group at the end may take: offsets are already committed, so a close
+/// that waits on a rebalance the broker does not finish is given up (the broker expires the
+/// membership after `session.timeout.ms`) rather than holding the process past its shutdown
+/// deadline.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Closes the consumer (its last reference) off the runtime, waiting at most [`CLOSE_TIMEOUT`].
+async fn close_consumer(consumer: Arc<StreamConsumer<GroupContext>>) {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        drop(consumer);
+        let _ = done_tx.send(());
+    });
+    if tokio::time::timeout(CLOSE_TIMEOUT, done_rx).await.is_err() {
+        tracing::warn!(
+            timeout_s = CLOSE_TIMEOUT.as_secs(),
+            "leaving the consumer group did not finish in time (offsets are committed; the \
+             broker expires the membership after the session timeout)"
+        );
+    }
 }
 
 /// Writes a snapshot of the card store (blocking: call off the reactor), counted and logged.
