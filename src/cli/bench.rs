@@ -64,6 +64,10 @@ pub struct BenchArgs {
     /// separated; empty (`--load-levels ''`) skips them.
     #[arg(long, default_value = "0.25,0.5,0.9", value_parser = parse_levels)]
     pub load_levels: LoadLevels,
+    /// Measure the scoring network (and the machine's FMA peak) only: no memory, end-to-end,
+    /// pacing or restore runs.
+    #[arg(long)]
+    pub inference_only: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -117,6 +121,20 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
     let inference = inference(&args)?;
+    if args.inference_only {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::Value::Object(
+                    inference
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                )
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let memory = memory(&bundle, args.json);
     let e2e = end_to_end(&bundle, &args)?;
     let loads = load_levels(&bundle, &args)?;
@@ -165,7 +183,33 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         inference.insert(batch.to_string(), json!(rate.round()));
         gflops.insert(batch.to_string(), json!((achieved * 10.0).round() / 10.0));
     }
+    // The hardware limit: independent FMAs only, on every core at once.
+    let kernel_isa = crate::model::kernel::isa();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let seconds = args.seconds.min(1.0);
+    let peak: f64 = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| scope.spawn(move || crate::model::kernel::fma_peak_flops(kernel_isa, seconds)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("peak thread"))
+            .sum::<f64>()
+    }) / 1e9;
+    if !args.json {
+        println!(
+            "fp32 FMA peak on {threads} threads: {peak:.1} GFLOP/s ({isa}; batch 256 reaches {:.0}% of it)",
+            100.0
+                * gflops
+                    .get("256")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0)
+                / peak
+        );
+    }
     Ok(vec![
+        ("fp32_peak_gflop_per_s", json!((peak * 10.0).round() / 10.0)),
+        ("fp32_peak_threads", json!(threads)),
         ("inference_windows_per_s", inference.into()),
         ("inference_gflop_per_s", gflops.into()),
         ("inference_flop_per_window", json!(flops)),

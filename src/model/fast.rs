@@ -27,10 +27,20 @@ pub enum ForwardPath {
     Reference,
 }
 
-/// `c = a·b + beta·c` for row-major `a [m,k]`, `b [k,n]`, `c [m,n]`.
-fn gemm(a: &[f32], b: &[f32], c: &mut [f32], (m, k, n): (usize, usize, usize), beta: f32) {
+/// `c = a·b + beta·c` for row-major `a [m,k]` (row stride `lda`), `b [k,n]`, `c [m,n]`.
+fn gemm(
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    c: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    beta: f32,
+) {
     assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        lda >= k
+            && (m == 0 || a.len() >= (m - 1) * lda + k)
+            && b.len() >= k * n
+            && c.len() >= m * n,
         "gemm shapes"
     );
     // SAFETY: the asserts above keep every access of the row-major strides inside the slices.
@@ -41,7 +51,7 @@ fn gemm(a: &[f32], b: &[f32], c: &mut [f32], (m, k, n): (usize, usize, usize), b
             n,
             1.0,
             a.as_ptr(),
-            k as isize,
+            lda as isize,
             1,
             b.as_ptr(),
             n as isize,
@@ -87,18 +97,21 @@ impl DenseW {
         }
     }
 
-    /// `out [rows, output] = x [rows, input] · kernel + bias`.
-    fn apply(&self, x: &[f32], rows: usize, out: &mut [f32], path: ForwardPath) {
+    /// `out [rows, output] = x [rows, input] · kernel + bias`, `x` with row stride `ldx`.
+    fn apply(&self, x: &[f32], ldx: usize, rows: usize, out: &mut [f32], path: ForwardPath) {
         for r in 0..rows {
             out[r * self.output..(r + 1) * self.output].copy_from_slice(&self.bias);
         }
         match path {
-            ForwardPath::Kernel(isa) => {
-                kernel::matmul_acc(isa, x, rows, self.input, &self.packed, out)
-            }
-            ForwardPath::Reference => {
-                gemm(x, &self.kernel, out, (rows, self.input, self.output), 1.0)
-            }
+            ForwardPath::Kernel(isa) => kernel::matmul_acc(isa, x, rows, ldx, &self.packed, out),
+            ForwardPath::Reference => gemm(
+                x,
+                ldx,
+                &self.kernel,
+                out,
+                (rows, self.input, self.output),
+                1.0,
+            ),
         }
     }
 }
@@ -111,48 +124,70 @@ struct LstmW {
     hidden: usize,
 }
 
+/// Where a layer reads its input and writes its hidden states: time-major rows `[T, B]`, row
+/// `r` of `x` at `r * ldx` (its first `input` floats), hidden state of row `r` at
+/// `r * ldo + col` in `out`. Writing straight into a wider buffer is how the BiLSTM's two
+/// directions and the attention end up side by side in LSTM 2's input without copies.
+struct Rows<'a> {
+    x: &'a [f32],
+    ldx: usize,
+    ldo: usize,
+    col: usize,
+}
+
 impl LstmW {
-    /// Runs over time-major input `xs [T, B, input]` and writes every step's hidden state into
-    /// `hs [T, B, hidden]`. `keep(t, b)` says whether step t of window b is real; on padding the
-    /// state carries over unchanged.
+    /// Runs over `T` steps of `b` windows; `lens[i]` real steps end each window (left padding):
+    /// on padding the state carries over unchanged. `gx` and `c` are scratch.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
-        xs: &[f32],
+        rows: Rows<'_>,
         t_len: usize,
-        b: usize,
+        lens: &[usize],
         reverse: bool,
-        keep: &dyn Fn(usize, usize) -> bool,
-        hs: &mut [f32],
+        out: &mut [f32],
+        gx: &mut Vec<f32>,
+        c: &mut Vec<f32>,
         path: ForwardPath,
     ) {
+        let b = lens.len();
         let (h4, hd) = (4 * self.hidden, self.hidden);
-        // Input projections of every step at once.
-        let mut gx = vec![0f32; t_len * b * h4];
-        self.input_w.apply(xs, t_len * b, &mut gx, path);
-        let mut h = vec![0f32; b * hd];
-        let mut c = vec![0f32; b * hd];
-        let mut g = vec![0f32; b * h4];
+        let Rows { x, ldx, ldo, col } = rows;
+        // Input projections of every step at once (bias included).
+        let gx = scratch(gx, t_len * b * h4);
+        self.input_w.apply(x, ldx, t_len * b, gx, path);
+        let c = scratch(c, b * hd);
+        c.fill(0.0);
+        let keep = |t: usize, i: usize| t + lens[i] >= t_len;
+        let row = |t: usize, i: usize| (t * b + i) * ldo + col;
+        let mut prev: Option<usize> = None;
         for step in 0..t_len {
             let t = if reverse { t_len - 1 - step } else { step };
-            if !(0..b).any(|i| keep(t, i)) {
-                // Padding in every window: the state carries over.
-                hs[t * b * hd..(t + 1) * b * hd].copy_from_slice(&h);
-                continue;
-            }
-            g.copy_from_slice(&gx[t * b * h4..(t + 1) * b * h4]);
-            match path {
-                ForwardPath::Kernel(isa) => {
-                    kernel::matmul_acc(isa, &h, b, hd, &self.recurrent_packed, &mut g)
+            let g = &mut gx[t * b * h4..(t + 1) * b * h4];
+            let any = (0..b).any(|i| keep(t, i));
+            if any && let Some(p) = prev {
+                // The recurrent product of the previous step's hidden states (zero at the
+                // first step, so nothing to add).
+                let h = &out[row(p, 0)..];
+                match path {
+                    ForwardPath::Kernel(isa) => {
+                        kernel::matmul_acc(isa, h, b, ldo, &self.recurrent_packed, g)
+                    }
+                    ForwardPath::Reference => gemm(h, ldo, &self.recurrent, g, (b, hd, h4), 1.0),
                 }
-                ForwardPath::Reference => gemm(&h, &self.recurrent, &mut g, (b, hd, h4), 1.0),
             }
             for i in 0..b {
+                let o = row(t, i);
                 if !keep(t, i) {
+                    // Padding: the state carries over (zero before the first real step).
+                    match prev {
+                        Some(p) => out.copy_within(row(p, i)..row(p, i) + hd, o),
+                        None => out[o..o + hd].fill(0.0),
+                    }
                     continue;
                 }
                 let gi = &g[i * h4..(i + 1) * h4];
-                let (hi, ci) = (&mut h[i * hd..(i + 1) * hd], &mut c[i * hd..(i + 1) * hd]);
+                let (hi, ci) = (&mut out[o..o + hd], &mut c[i * hd..(i + 1) * hd]);
                 match path {
                     ForwardPath::Kernel(isa) => kernel::lstm_cell(isa, gi, ci, hi),
                     ForwardPath::Reference => {
@@ -167,9 +202,37 @@ impl LstmW {
                     }
                 }
             }
-            hs[t * b * hd..(t + 1) * b * hd].copy_from_slice(&h);
+            prev = Some(t);
         }
     }
+}
+
+/// `buf` as a slice of `n` floats, grown if needed; its contents are whatever was there (every
+/// user overwrites what it reads).
+fn scratch(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// One thread's buffers, kept between calls so scoring allocates nothing once warm.
+#[derive(Default)]
+struct Scratch {
+    xs: Vec<f32>,
+    gx: Vec<f32>,
+    c: Vec<f32>,
+    x2: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    hs2: Vec<f32>,
+    hidden: Vec<f32>,
+    window: kernel::AttentionScratch,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// The attention-LSTM's weights as plain vectors, for fast batched scoring.
@@ -248,116 +311,174 @@ impl FastModel {
         lens: &[usize],
         path: ForwardPath,
     ) -> (Vec<f32>, Vec<Vec<f32>>) {
-        if windows.len() < 64 {
-            return self.predict_one_thread(windows, lens, path);
+        let n = windows.len();
+        let mut scores = vec![0f32; n];
+        let mut attention = vec![Vec::new(); n];
+        if n < 64 {
+            self.predict_one_thread(windows, lens, path, &mut scores, &mut attention);
+            return (scores, attention);
         }
-        let half = windows.len() / 2;
-        let (first, second) = std::thread::scope(|scope| {
-            let other =
-                scope.spawn(|| self.predict_one_thread(&windows[half..], &lens[half..], path));
-            let first = self.predict_one_thread(&windows[..half], &lens[..half], path);
-            (first, other.join().expect("scoring thread panicked"))
+        let half = n / 2;
+        let (s1, s2) = scores.split_at_mut(half);
+        let (a1, a2) = attention.split_at_mut(half);
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.predict_one_thread(&windows[half..], &lens[half..], path, s2, a2));
+            self.predict_one_thread(&windows[..half], &lens[..half], path, s1, a1);
         });
-        let (mut scores, mut attention) = first;
-        scores.extend(second.0);
-        attention.extend(second.1);
         (scores, attention)
     }
 
+    /// Scores `windows` on this thread into `scores` and `attention` (one per window).
     fn predict_one_thread(
         &self,
         windows: &[&[f32]],
         lens: &[usize],
         path: ForwardPath,
-    ) -> (Vec<f32>, Vec<Vec<f32>>) {
+        scores: &mut [f32],
+        attention: &mut [Vec<f32>],
+    ) {
+        if windows.is_empty() {
+            return;
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => self.forward(windows, lens, path, scores, attention, &mut s),
+            // Re-entered on this thread (never in practice): fresh buffers.
+            Err(_) => self.forward(
+                windows,
+                lens,
+                path,
+                scores,
+                attention,
+                &mut Scratch::default(),
+            ),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        windows: &[&[f32]],
+        lens: &[usize],
+        path: ForwardPath,
+        scores: &mut [f32],
+        attention: &mut [Vec<f32>],
+        s: &mut Scratch,
+    ) {
         let cfg = &self.cfg;
         let (t_len, b, f) = (cfg.window, windows.len(), cfg.input);
-        if b == 0 {
-            return (vec![], vec![]);
-        }
-        let keep = |t: usize, i: usize| t + lens[i] >= t_len;
+        let rows = t_len * b;
         // Time-major input [T, B, F].
-        let mut xs = vec![0f32; t_len * b * f];
+        let xs = scratch(&mut s.xs, rows * f);
         for (i, w) in windows.iter().enumerate() {
             for t in 0..t_len {
                 xs[(t * b + i) * f..(t * b + i + 1) * f].copy_from_slice(&w[t * f..(t + 1) * f]);
             }
         }
-        let h1 = cfg.lstm1;
-        let mut hf = vec![0f32; t_len * b * h1];
-        let mut hb = vec![0f32; t_len * b * h1];
-        self.forward.run(&xs, t_len, b, false, &keep, &mut hf, path);
-        self.backward.run(&xs, t_len, b, true, &keep, &mut hb, path);
-        let (seq_w, a) = (cfg.seq_width(), cfg.attention);
-        let rows = t_len * b;
-        // LSTM2 input rows [T, B, seq + attention]: the BiLSTM output, then attention.
+        // LSTM 2's input rows [T, B, seq + attention]: the forward and backward hidden states
+        // side by side, then the attention output, all written in place.
+        let (h1, seq_w, a) = (cfg.lstm1, cfg.seq_width(), cfg.attention);
         let x2w = seq_w + a;
-        let mut x2 = vec![0f32; rows * x2w];
-        let mut seq = vec![0f32; rows * seq_w];
-        for r in 0..rows {
-            seq[r * seq_w..r * seq_w + h1].copy_from_slice(&hf[r * h1..(r + 1) * h1]);
-            seq[r * seq_w + h1..(r + 1) * seq_w].copy_from_slice(&hb[r * h1..(r + 1) * h1]);
+        let x2 = scratch(&mut s.x2, rows * x2w);
+        for (reverse, lstm, col) in [(false, &self.forward, 0), (true, &self.backward, h1)] {
+            let input = Rows {
+                x: xs,
+                ldx: f,
+                ldo: x2w,
+                col,
+            };
+            lstm.run(input, t_len, lens, reverse, x2, &mut s.gx, &mut s.c, path);
         }
-        let (mut q, mut k, mut v) = (
-            vec![0f32; rows * a],
-            vec![0f32; rows * a],
-            vec![0f32; rows * a],
-        );
-        self.query.apply(&seq, rows, &mut q, path);
-        self.key.apply(&seq, rows, &mut k, path);
-        self.value.apply(&seq, rows, &mut v, path);
-        let mut last_attention = vec![vec![0f32; t_len]; b];
-        let mut weights = vec![0f32; t_len];
+        let q = scratch(&mut s.q, rows * a);
+        let k = scratch(&mut s.k, rows * a);
+        let v = scratch(&mut s.v, rows * a);
+        self.query.apply(x2, x2w, rows, q, path);
+        self.key.apply(x2, x2w, rows, k, path);
+        self.value.apply(x2, x2w, rows, v, path);
         for i in 0..b {
             let first_real = t_len - lens[i].min(t_len);
-            for tq in 0..t_len {
-                let qv = &q[(tq * b + i) * a..(tq * b + i + 1) * a];
-                let mut max = f32::NEG_INFINITY;
-                for tk in 0..t_len {
-                    weights[tk] = if tk < first_real {
-                        f32::NEG_INFINITY
-                    } else {
-                        let kv = &k[(tk * b + i) * a..(tk * b + i + 1) * a];
-                        qv.iter().zip(kv).map(|(x, y)| x * y).sum()
-                    };
-                    max = max.max(weights[tk]);
+            let at = kernel::AttentionRows {
+                q,
+                k,
+                v,
+                width: a,
+                first: i * a,
+                stride: b * a,
+                steps: t_len,
+                first_real,
+            };
+            let out = &mut x2[i * x2w + seq_w..];
+            let last = &mut attention[i];
+            last.resize(t_len, 0.0);
+            match path {
+                ForwardPath::Kernel(isa) => {
+                    kernel::attention(isa, &at, out, b * x2w, last, &mut s.window)
                 }
-                let mut sum = 0.0;
-                for wgt in weights.iter_mut() {
-                    // exp(-inf) = 0 for the padding; the kernel's exp clamps, so skip it there.
-                    *wgt = match path {
-                        _ if *wgt == f32::NEG_INFINITY => 0.0,
-                        ForwardPath::Kernel(_) => kernel::exp(*wgt - max),
-                        ForwardPath::Reference => (*wgt - max).exp(),
-                    };
-                    sum += *wgt;
-                }
-                let row = tq * b + i;
-                let out = &mut x2[row * x2w + seq_w..(row + 1) * x2w];
-                out.fill(0.0);
-                for (tk, wgt) in weights.iter_mut().enumerate() {
-                    *wgt /= sum;
-                    if *wgt > 0.0 {
-                        let vv = &v[(tk * b + i) * a..(tk * b + i + 1) * a];
-                        out.iter_mut().zip(vv).for_each(|(o, x)| *o += *wgt * x);
-                    }
-                }
-                x2[row * x2w..row * x2w + seq_w]
-                    .copy_from_slice(&seq[row * seq_w..(row + 1) * seq_w]);
-                if tq == t_len - 1 {
-                    last_attention[i].copy_from_slice(&weights);
-                }
+                ForwardPath::Reference => reference_attention(&at, out, b * x2w, last),
             }
         }
         let h2 = cfg.lstm2;
-        let mut hs2 = vec![0f32; rows * h2];
-        self.lstm2.run(&x2, t_len, b, false, &keep, &mut hs2, path);
+        let hs2 = scratch(&mut s.hs2, rows * h2);
+        let input = Rows {
+            x: x2,
+            ldx: x2w,
+            ldo: h2,
+            col: 0,
+        };
+        self.lstm2
+            .run(input, t_len, lens, false, hs2, &mut s.gx, &mut s.c, path);
         let last = &hs2[(t_len - 1) * b * h2..];
-        let mut hidden = vec![0f32; b * cfg.dense];
-        self.dense.apply(last, b, &mut hidden, path);
+        let hidden = scratch(&mut s.hidden, b * cfg.dense);
+        self.dense.apply(last, h2, b, hidden, path);
         hidden.iter_mut().for_each(|x| *x = x.max(0.0));
-        let mut logits = vec![0f32; b];
-        self.out.apply(&hidden, b, &mut logits, path);
-        (logits.into_iter().map(sigmoid).collect(), last_attention)
+        self.out.apply(hidden, cfg.dense, b, scores, path);
+        scores.iter_mut().for_each(|x| *x = sigmoid(*x));
     }
+}
+
+/// Dot-product self-attention of one window (the notebook's: softmax of `q·k`, padding
+/// masked), written as plainly as possible: the kernels' oracle.
+fn reference_attention(
+    at: &kernel::AttentionRows<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    last: &mut [f32],
+) {
+    let (t_len, a) = (at.steps, at.width);
+    let row = |m: &[f32], t: usize| {
+        let o = at.first + t * at.stride;
+        m[o..o + a].to_vec()
+    };
+    let mut weights = vec![0f32; t_len];
+    for tq in 0..t_len {
+        let qv = row(at.q, tq);
+        let mut max = f32::NEG_INFINITY;
+        for (tk, w) in weights.iter_mut().enumerate() {
+            *w = if tk < at.first_real {
+                f32::NEG_INFINITY
+            } else {
+                qv.iter().zip(row(at.k, tk)).map(|(x, y)| x * y).sum()
+            };
+            max = max.max(*w);
+        }
+        let mut sum = 0.0;
+        for w in weights.iter_mut() {
+            *w = if *w == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (*w - max).exp()
+            };
+            sum += *w;
+        }
+        let o = &mut out[tq * out_stride..tq * out_stride + a];
+        o.fill(0.0);
+        for (tk, w) in weights.iter_mut().enumerate() {
+            *w /= sum;
+            if *w > 0.0 {
+                o.iter_mut()
+                    .zip(row(at.v, tk))
+                    .for_each(|(o, x)| *o += *w * x);
+            }
+        }
+    }
+    last.copy_from_slice(&weights);
 }

@@ -154,20 +154,88 @@ pub fn matmul_acc(isa: Isa, a: &[f32], m: usize, lda: usize, w: &Packed, out: &m
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { matmul_avx2(a, m, lda, w, out) },
-        _ => matmul::<Portable, 4>(a, m, lda, w, out),
+        _ => matmul::<Portable, 4, 1>(a, m, lda, w, out),
     }
 }
+
+/// AVX-512's register tile: rows x panels accumulators (of 32 registers), the rest for the
+/// panels' loads and the broadcast.
+const AVX512_ROWS: usize = 6;
+const AVX512_PANELS: usize = 2;
+/// AVX2's: each panel takes two of its 16 registers.
+const AVX2_ROWS: usize = 6;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn matmul_avx512(a: &[f32], m: usize, lda: usize, w: &Packed, out: &mut [f32]) {
-    matmul::<x86::Avx512, 4>(a, m, lda, w, out)
+    matmul::<x86::Avx512, AVX512_ROWS, AVX512_PANELS>(a, m, lda, w, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matmul_avx2(a: &[f32], m: usize, lda: usize, w: &Packed, out: &mut [f32]) {
-    matmul::<x86::Avx2, 4>(a, m, lda, w, out)
+    matmul::<x86::Avx2, AVX2_ROWS, 1>(a, m, lda, w, out)
+}
+
+/// Single-precision FLOP/s one thread reaches with nothing but independent fused multiply-adds
+/// on `isa` (12 chains over one `NR`-float operand, as the matrix kernels use it), measured over
+/// about `seconds`: the hardware limit the kernels are compared with.
+pub fn fma_peak_flops(isa: Isa, seconds: f64) -> f64 {
+    isa.require();
+    let began = std::time::Instant::now();
+    let mut flops = 0f64;
+    let mut sink = 0f32;
+    while began.elapsed().as_secs_f64() < seconds {
+        const ITERS: usize = 1 << 20;
+        let w = std::hint::black_box([0.999_f32; NR]);
+        let s = std::hint::black_box(1.0001_f32);
+        sink += match isa {
+            // SAFETY: the CPU has the features (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { peak_avx512(s, &w, ITERS) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { peak_avx2(s, &w, ITERS) },
+            _ => peak::<Portable>(s, &w, ITERS),
+        };
+        // 12 chains of NR lanes, two FLOPs (a multiply and an add) per lane.
+        flops += (ITERS * 12 * NR * 2) as f64;
+    }
+    std::hint::black_box(sink);
+    flops / began.elapsed().as_secs_f64()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn peak_avx512(s: f32, w: &[f32; NR], iters: usize) -> f32 {
+    peak::<x86::Avx512>(s, w, iters)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn peak_avx2(s: f32, w: &[f32; NR], iters: usize) -> f32 {
+    peak::<x86::Avx2>(s, w, iters)
+}
+
+#[inline(always)]
+fn peak<L: Lanes>(s: f32, w: &[f32; NR], iters: usize) -> f32 {
+    // SAFETY (all `L` calls): only inside a function compiled for `L`'s instruction set.
+    let mut acc = [unsafe { L::zero() }; 12];
+    // Distinct starting values, so the compiler cannot merge identical chains.
+    for (i, a) in acc.iter_mut().enumerate() {
+        unsafe { L::axpy(a, std::hint::black_box(i as f32), w) };
+    }
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            unsafe { L::axpy(a, s, w) };
+        }
+    }
+    let mut out = [0f32; NR];
+    for a in &acc {
+        unsafe { L::add_to(a, &mut out) };
+    }
+    // Every lane is used, so no lane's work is dead code.
+    out.iter().sum()
 }
 
 /// One panel row's worth of accumulators (`NR` floats) in an instruction set's registers.
@@ -263,63 +331,88 @@ mod x86 {
     }
 }
 
-/// Rows in blocks of `R` against one panel at a time; a block of fewer rows than `R` (small
-/// batches, batch 1 above all) walks four panels at once instead, so the FMA chains stay
-/// independent.
+/// Rows in blocks of `R` against `Q` panels at a time (`R x Q` independent FMA chains, enough
+/// to keep both FMA pipes busy through their latency), panels outermost so a panel group stays
+/// in L1 while every row block passes over it; rows left over (small batches, batch 1 above all)
+/// walk four panels at once instead, so their FMA chains stay independent too.
 #[inline(always)]
-fn matmul<L: Lanes, const R: usize>(a: &[f32], m: usize, lda: usize, w: &Packed, out: &mut [f32]) {
+fn matmul<L: Lanes, const R: usize, const Q: usize>(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    w: &Packed,
+    out: &mut [f32],
+) {
     let (k, n) = (w.k, w.n);
     let panels = n.div_ceil(NR);
-    let mut r0 = 0;
-    while r0 + R <= m {
-        for p in 0..panels {
-            let panel = &w.data[p * k * NR..(p + 1) * k * NR];
-            block::<L, R>(a, r0, lda, k, panel, out, n, p);
+    let full_rows = m - m % R;
+    let mut p = 0;
+    while p < panels {
+        let q = Q.min(panels - p);
+        let mut r0 = 0;
+        while r0 < full_rows {
+            if q == Q {
+                block::<L, R, Q>(a, r0, lda, k, &w.data, p, out, n);
+            } else {
+                for pp in p..p + q {
+                    block::<L, R, 1>(a, r0, lda, k, &w.data, pp, out, n);
+                }
+            }
+            r0 += R;
         }
-        r0 += R;
+        p += q;
     }
-    while r0 < m {
-        let row = &a[r0 * lda..r0 * lda + k];
+    for r in full_rows..m {
+        let row = &a[r * lda..r * lda + k];
         let mut p = 0;
         while p + 4 <= panels {
-            row_panels::<L, 4>(row, k, &w.data, p, out, r0, n);
+            row_panels::<L, 4>(row, k, &w.data, p, out, r, n);
             p += 4;
         }
         while p < panels {
-            row_panels::<L, 1>(row, k, &w.data, p, out, r0, n);
+            row_panels::<L, 1>(row, k, &w.data, p, out, r, n);
             p += 1;
         }
-        r0 += 1;
     }
 }
 
-/// `R` rows from `r0` times one panel `p`, accumulated in registers.
+/// `R` rows from `r0` times `Q` panels from `p`, accumulated in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn block<L: Lanes, const R: usize>(
+fn block<L: Lanes, const R: usize, const Q: usize>(
     a: &[f32],
     r0: usize,
     lda: usize,
     k: usize,
-    panel: &[f32],
+    data: &[f32],
+    p: usize,
     out: &mut [f32],
     n: usize,
-    p: usize,
 ) {
     let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(r0 + r) * lda..(r0 + r) * lda + k]);
-    let w = &panel.as_chunks::<NR>().0[..k];
+    let panels: [&[[f32; NR]]; Q] = std::array::from_fn(|q| {
+        &data[(p + q) * k * NR..(p + q + 1) * k * NR]
+            .as_chunks::<NR>()
+            .0[..k]
+    });
     // SAFETY (all `L` calls): `matmul` runs only inside a function compiled for `L`'s
     // instruction set (see `matmul_acc`).
-    let mut acc = [unsafe { L::zero() }; R];
-    for (kk, wk) in w.iter().enumerate() {
+    let mut acc = [[unsafe { L::zero() }; Q]; R];
+    for kk in 0..k {
         for r in 0..R {
-            unsafe { L::axpy(&mut acc[r], rows[r][kk], wk) };
+            let s = rows[r][kk];
+            for q in 0..Q {
+                unsafe { L::axpy(&mut acc[r][q], s, &panels[q][kk]) };
+            }
         }
     }
-    let cols = NR.min(n - p * NR);
     for (r, acc) in acc.iter().enumerate() {
-        let o = &mut out[(r0 + r) * n + p * NR..(r0 + r) * n + p * NR + cols];
-        unsafe { L::add_to(acc, o) };
+        for (q, acc) in acc.iter().enumerate() {
+            let c0 = (p + q) * NR;
+            let cols = NR.min(n - c0);
+            let o = &mut out[(r0 + r) * n + c0..(r0 + r) * n + c0 + cols];
+            unsafe { L::add_to(acc, o) };
+        }
     }
 }
 
@@ -354,15 +447,20 @@ fn row_panels<L: Lanes, const P: usize>(
     }
 }
 
-/// `e^x` from a degree-6 polynomial on `[-ln2/2, ln2/2]` and the exponent bits: branch-free, so
-/// loops over it vectorise. Inputs are clamped to `[-87, 87]` (the network never needs more).
+/// `e^x` from a degree-6 polynomial on `[-ln2/2, ln2/2]` and the exponent bits: branch-free and
+/// without float-to-int conversions (Rust's saturating `as` does not vectorise), so loops over
+/// it vectorise. Inputs are clamped to `[-87, 87]` (the network never needs more).
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 * 2^23 rounds to the nearest integer (the float has no bits below 1 there).
+    const ROUND: f32 = 12_582_912.0;
+    // 2^23 + 127: the float's low mantissa bits are then n + 127, the biased exponent of 2^n.
+    const BIAS: f32 = 8_388_735.0;
     let x = x.clamp(-87.0, 87.0);
-    let n = (x * LOG2E + 0.5).floor();
+    let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     // Cephes expf coefficients.
     let mut p = 1.987_569_1e-4_f32;
@@ -372,7 +470,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // n + 127 is in [1, 253], so shifted by 23 it is exactly 2^n's bits (the bits of 2^23
+    // above it shift out).
+    let scale = f32::from_bits((n + BIAS).to_bits() << 23);
     y * scale
 }
 
@@ -427,6 +527,209 @@ fn cell(g: &[f32], c: &mut [f32], h: &mut [f32]) {
         let cj = sigmoid(gf[j]) * c[j] + sigmoid(gi[j]) * tanh(gc[j]);
         c[j] = cj;
         h[j] = sigmoid(go[j]) * tanh(cj);
+    }
+}
+
+/// One window's attention inputs inside time-major `[T, B, width]` matrices: step `t` of the
+/// window at `first + t * stride` in `q`, `k` and `v`; steps before `first_real` are padding.
+pub struct AttentionRows<'a> {
+    /// Queries.
+    pub q: &'a [f32],
+    /// Keys.
+    pub k: &'a [f32],
+    /// Values.
+    pub v: &'a [f32],
+    /// Floats per step (the attention width).
+    pub width: usize,
+    /// Offset of step 0.
+    pub first: usize,
+    /// Floats from one step to the next.
+    pub stride: usize,
+    /// Steps in the window.
+    pub steps: usize,
+    /// The first real (unpadded) step.
+    pub first_real: usize,
+}
+
+/// Buffers [`attention`] reuses between windows.
+#[derive(Debug, Default)]
+pub struct AttentionScratch {
+    kt: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// Dot-product self-attention of one window: for each step `tq`, the softmax over real steps of
+/// `q[tq]·k[tk]`, and `out[tq * out_stride..][..width]` = the weighted sum of `v`; `last` gets
+/// the last step's weights. The keys are transposed once so each query's scores are a vector
+/// product over steps, and every loop is one the compiler vectorises for `isa`.
+pub fn attention(
+    isa: Isa,
+    at: &AttentionRows<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    last: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    let (t, a) = (at.steps, at.width);
+    assert!(
+        t > 0 && at.first_real < t && last.len() == t,
+        "attention shapes"
+    );
+    assert!(
+        [at.q, at.k, at.v]
+            .iter()
+            .all(|m| m.len() >= at.first + (t - 1) * at.stride + a)
+            && out.len() >= (t - 1) * out_stride + a,
+        "attention rows"
+    );
+    isa.require();
+    match isa {
+        // SAFETY: the CPU has the features (checked by `isa`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { attend_avx512(at, out, out_stride, last, scratch) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { attend_avx2(at, out, out_stride, last, scratch) },
+        _ => attend(at, out, out_stride, last, scratch),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_avx512(
+    at: &AttentionRows<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    last: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    attend(at, out, out_stride, last, scratch)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    at: &AttentionRows<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+    last: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    attend(at, out, out_stride, last, scratch)
+}
+
+#[inline(always)]
+fn attend<'a>(
+    at: &AttentionRows<'a>,
+    out: &mut [f32],
+    out_stride: usize,
+    last: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
+    let (t, a, real) = (at.steps, at.width, at.first_real);
+    let tp = t.next_multiple_of(NR);
+    let row = |m: &'a [f32], step: usize| -> &'a [f32] {
+        let o = at.first + step * at.stride;
+        &m[o..o + a]
+    };
+    if scratch.kt.len() < a * tp {
+        scratch.kt.resize(a * tp, 0.0);
+    }
+    if scratch.s.len() < tp {
+        scratch.s.resize(tp, 0.0);
+    }
+    let kt = &mut scratch.kt[..a * tp];
+    // Keys transposed, [width, tp], padding steps and the columns past `t` zero.
+    for j in 0..a {
+        kt[j * tp..j * tp + real].fill(0.0);
+        kt[j * tp + t..(j + 1) * tp].fill(0.0);
+    }
+    for tk in real..t {
+        for (j, &x) in row(at.k, tk).iter().enumerate() {
+            kt[j * tp + tk] = x;
+        }
+    }
+    let s = &mut scratch.s[..tp];
+    for tq in 0..t {
+        scores(row(at.q, tq), kt, tp, s);
+        let max = s[real..t].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        for (tk, x) in s.iter_mut().enumerate() {
+            // Padding weighs nothing.
+            *x = if tk >= real && tk < t {
+                exp(*x - max)
+            } else {
+                0.0
+            };
+        }
+        let sum: f32 = s[..t].iter().sum();
+        s.iter_mut().for_each(|x| *x /= sum);
+        let o = &mut out[tq * out_stride..tq * out_stride + a];
+        weighted_sum(&s[real..t], |tk| row(at.v, real + tk), o);
+    }
+    last.copy_from_slice(&s[..t]);
+}
+
+/// `s[tk] = q · kt[.., tk]` for the `tp` columns of the transposed keys `kt [q.len(), tp]`:
+/// four independent partial sums per lane (registers, not memory, carry the sums).
+#[inline(always)]
+fn scores(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
+    let a = q.len();
+    for c in 0..tp / NR {
+        let col = |j: usize| -> &[f32; NR] {
+            kt[j * tp + c * NR..j * tp + (c + 1) * NR]
+                .try_into()
+                .expect("panel width")
+        };
+        let mut acc = [[0f32; NR]; 4];
+        let mut j = 0;
+        while j + 4 <= a {
+            for (u, acc) in acc.iter_mut().enumerate() {
+                let (qj, kj) = (q[j + u], col(j + u));
+                acc.iter_mut().zip(kj).for_each(|(x, k)| *x += qj * k);
+            }
+            j += 4;
+        }
+        for (j, &qj) in q.iter().enumerate().skip(j) {
+            acc[0]
+                .iter_mut()
+                .zip(col(j))
+                .for_each(|(x, k)| *x += qj * k);
+        }
+        for (l, x) in s[c * NR..(c + 1) * NR].iter_mut().enumerate() {
+            *x = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+        }
+    }
+}
+
+/// `out = Σ_i w[i] · rows(i)` over `out.len()` columns, four lane groups at a time in registers.
+#[inline(always)]
+fn weighted_sum<'r>(w: &[f32], rows: impl Fn(usize) -> &'r [f32], out: &mut [f32]) {
+    let a = out.len();
+    let mut c0 = 0;
+    while c0 + 4 * NR <= a {
+        let mut acc = [[0f32; NR]; 4];
+        for (i, &wi) in w.iter().enumerate() {
+            let r = &rows(i)[c0..c0 + 4 * NR];
+            for (acc, r) in acc.iter_mut().zip(r.chunks_exact(NR)) {
+                acc.iter_mut().zip(r).for_each(|(x, v)| *x += wi * v);
+            }
+        }
+        for (o, acc) in out[c0..c0 + 4 * NR].chunks_exact_mut(NR).zip(&acc) {
+            o.copy_from_slice(acc);
+        }
+        c0 += 4 * NR;
+    }
+    while c0 + NR <= a {
+        let mut acc = [0f32; NR];
+        for (i, &wi) in w.iter().enumerate() {
+            let r = &rows(i)[c0..c0 + NR];
+            acc.iter_mut().zip(r).for_each(|(x, v)| *x += wi * v);
+        }
+        out[c0..c0 + NR].copy_from_slice(&acc);
+        c0 += NR;
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(c0) {
+        *o = w.iter().enumerate().map(|(i, &wi)| wi * rows(i)[j]).sum();
     }
 }
 
@@ -492,6 +795,86 @@ mod tests {
                         "{} {m}x{k}x{n}: {g} vs {w} + 0.5",
                         isa.name()
                     );
+                }
+            }
+        }
+    }
+
+    /// The attention kernel against the textbook softmax attention, for widths that use every
+    /// lane grouping (64, 16 + tail, 64 + 16 + tail, tail only), windows of 30 and 7 steps and
+    /// several padding lengths, inside time-major matrices of 3 windows.
+    #[test]
+    fn the_attention_kernel_equals_the_textbook_softmax_attention() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (a, t) in [(64, 30), (21, 30), (83, 7), (5, 7)] {
+            let (b, i) = (3, 1);
+            let m: Vec<Vec<f32>> = (0..3)
+                .map(|_| {
+                    (0..t * b * a)
+                        .map(|_| rng.random_range(-1.0..1.0))
+                        .collect()
+                })
+                .collect();
+            for first_real in [0, 1, t / 2, t - 1] {
+                let at = AttentionRows {
+                    q: &m[0],
+                    k: &m[1],
+                    v: &m[2],
+                    width: a,
+                    first: i * a,
+                    stride: b * a,
+                    steps: t,
+                    first_real,
+                };
+                let at_row = |x: &[f32], s: usize| x[(s * b + i) * a..(s * b + i + 1) * a].to_vec();
+                for isa in Isa::all_available() {
+                    let stride = a + 2;
+                    let mut out = vec![9f32; t * stride];
+                    let mut last = vec![0f32; t];
+                    attention(
+                        isa,
+                        &at,
+                        &mut out,
+                        stride,
+                        &mut last,
+                        &mut AttentionScratch::default(),
+                    );
+                    for tq in 0..t {
+                        let q = at_row(&m[0], tq);
+                        let e: Vec<f64> = (0..t)
+                            .map(|tk| {
+                                let d: f32 =
+                                    q.iter().zip(at_row(&m[1], tk)).map(|(x, y)| x * y).sum();
+                                if tk < first_real {
+                                    0.0
+                                } else {
+                                    (d as f64).exp()
+                                }
+                            })
+                            .collect();
+                        let sum: f64 = e.iter().sum();
+                        for j in 0..a {
+                            let want: f64 = (0..t)
+                                .map(|tk| e[tk] / sum * at_row(&m[2], tk)[j] as f64)
+                                .sum();
+                            let got = out[tq * stride + j];
+                            assert!(
+                                (got as f64 - want).abs() < 1e-5,
+                                "{} a={a} t={t} pad={first_real} [{tq},{j}]: {got} vs {want}",
+                                isa.name()
+                            );
+                        }
+                        assert_eq!(out[tq * stride + a], 9.0, "wrote past its row");
+                        if tq == t - 1 {
+                            for tk in 0..t {
+                                assert!(
+                                    (last[tk] as f64 - e[tk] / sum).abs() < 1e-6,
+                                    "{} last weight {tk}",
+                                    isa.name()
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
