@@ -16,6 +16,11 @@ use candle_core::Tensor;
 
 use super::config::ModelConfig;
 use super::kernel::{self, Isa, Packed};
+use super::pool;
+
+/// Batches of at least this many windows are split in two halves, one per core; smaller ones
+/// run the BiLSTM's two directions on the two cores instead.
+const SPLIT_BATCH: usize = 64;
 
 /// Which implementation of the forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,6 +227,10 @@ struct Scratch {
     xs: Vec<f32>,
     gx: Vec<f32>,
     c: Vec<f32>,
+    /// The backward direction's hidden states, gate inputs and cells when it runs on the helper.
+    hb: Vec<f32>,
+    gx_b: Vec<f32>,
+    c_b: Vec<f32>,
     x2: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
@@ -297,8 +306,9 @@ impl FastModel {
 
     /// Scores windows (each `window * input` floats, left-padded) with their real lengths.
     /// Returns the scores and, per window, the current transaction's attention weights.
-    /// Batches of 64 or more are split in two halves scored on two threads (windows are
-    /// independent, so the result is the same).
+    /// Both cores work on every call (a persistent helper thread, [`super::pool`]): batches of
+    /// 64 or more are split in two halves (windows are independent, so the result is the same),
+    /// smaller ones run the BiLSTM's forward and backward directions side by side.
     pub fn predict(&self, windows: &[&[f32]], lens: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
         self.predict_on(windows, lens, ForwardPath::Kernel(kernel::isa()))
     }
@@ -314,17 +324,17 @@ impl FastModel {
         let n = windows.len();
         let mut scores = vec![0f32; n];
         let mut attention = vec![Vec::new(); n];
-        if n < 64 {
+        if n < SPLIT_BATCH {
             self.predict_one_thread(windows, lens, path, &mut scores, &mut attention);
             return (scores, attention);
         }
         let half = n / 2;
         let (s1, s2) = scores.split_at_mut(half);
         let (a1, a2) = attention.split_at_mut(half);
-        std::thread::scope(|scope| {
-            scope.spawn(|| self.predict_one_thread(&windows[half..], &lens[half..], path, s2, a2));
-            self.predict_one_thread(&windows[..half], &lens[..half], path, s1, a1);
-        });
+        pool::join(
+            || self.predict_one_thread(&windows[..half], &lens[..half], path, s1, a1),
+            || self.predict_one_thread(&windows[half..], &lens[half..], path, s2, a2),
+        );
         (scores, attention)
     }
 
@@ -379,14 +389,47 @@ impl FastModel {
         let (h1, seq_w, a) = (cfg.lstm1, cfg.seq_width(), cfg.attention);
         let x2w = seq_w + a;
         let x2 = scratch(&mut s.x2, rows * x2w);
-        for (reverse, lstm, col) in [(false, &self.forward, 0), (true, &self.backward, h1)] {
-            let input = Rows {
-                x: xs,
-                ldx: f,
-                ldo: x2w,
-                col,
-            };
-            lstm.run(input, t_len, lens, reverse, x2, &mut s.gx, &mut s.c, path);
+        if b < SPLIT_BATCH {
+            // The two directions at once: forward here, straight into LSTM 2's input; backward
+            // on the helper into its own rows, copied in after.
+            let hb = scratch(&mut s.hb, rows * h1);
+            let (gx_b, c_b) = (&mut s.gx_b, &mut s.c_b);
+            let xs = &*xs;
+            pool::join(
+                || {
+                    let input = Rows {
+                        x: xs,
+                        ldx: f,
+                        ldo: x2w,
+                        col: 0,
+                    };
+                    let (gx, c) = (&mut s.gx, &mut s.c);
+                    self.forward.run(input, t_len, lens, false, x2, gx, c, path)
+                },
+                || {
+                    let input = Rows {
+                        x: xs,
+                        ldx: f,
+                        ldo: h1,
+                        col: 0,
+                    };
+                    self.backward
+                        .run(input, t_len, lens, true, hb, gx_b, c_b, path)
+                },
+            );
+            for (r, h) in hb.chunks_exact(h1).enumerate() {
+                x2[r * x2w + h1..r * x2w + seq_w].copy_from_slice(h);
+            }
+        } else {
+            for (reverse, lstm, col) in [(false, &self.forward, 0), (true, &self.backward, h1)] {
+                let input = Rows {
+                    x: xs,
+                    ldx: f,
+                    ldo: x2w,
+                    col,
+                };
+                lstm.run(input, t_len, lens, reverse, x2, &mut s.gx, &mut s.c, path);
+            }
         }
         let q = scratch(&mut s.q, rows * a);
         let k = scratch(&mut s.k, rows * a);

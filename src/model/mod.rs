@@ -6,6 +6,7 @@ mod fast;
 pub mod kernel;
 mod layers;
 mod network;
+mod pool;
 mod threshold;
 
 use std::collections::HashMap;
