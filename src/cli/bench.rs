@@ -301,6 +301,7 @@ fn e2e_run(
         let mut settings =
             KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
         settings.on_assigned = Some(assigned);
+        settings.extra = broker.detector_overrides();
         settings.changelog_topic = args.changelog.then(|| changelog.clone());
         settings.changelog_flush = std::time::Duration::from_millis(args.changelog_flush_ms);
         settings.exactly_once = args

@@ -102,7 +102,8 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let stats = rt.block_on(async {
         let total = replay_days(&brokers, &input, &live, None).await?;
         eprintln!("replayed {total} simulated transactions ({} days, {} cards) into {input}", args.days, args.cards);
-        let settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
+        let mut settings = KafkaSettings::new(&brokers, &format!("demo-{suffix}"), &input, &alerts);
+        settings.extra = broker.detector_overrides();
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
         let stats = run_kafka(detector, settings, async move { finished.notified().await }, |s| {
@@ -139,6 +140,10 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     drop(broker);
     Ok(ExitCode::SUCCESS)
 }
+
+/// The detector's fetch wait against the embedded broker (see
+/// [`DemoBroker::detector_overrides`]).
+const EMBEDDED_FETCH_WAIT_MS: &str = "5";
 
 /// The broker of a self-contained run: the one given, or librdkafka's in-process mock cluster,
 /// which lives as long as this value. The input (4 partitions) and alerts topics exist once it
@@ -191,6 +196,19 @@ impl DemoBroker {
     pub(crate) fn embedded(&self) -> bool {
         self.mock.is_some()
     }
+
+    /// Consumer settings the detector needs with this broker. The mock cluster answers a fetch
+    /// that found nothing only when its wait (`fetch.wait.max.ms`, 20 ms by default) ends, not
+    /// when a record arrives as Kafka does, so that wait would be added to every record's
+    /// latency: with it the detector fetches every 5 ms (measured: p50 18 -> 8 ms at 1,000
+    /// tx/s). Against a real broker the wait costs no latency and nothing is changed.
+    pub(crate) fn detector_overrides(&self) -> Vec<(String, String)> {
+        if self.embedded() {
+            vec![("fetch.wait.max.ms".into(), EMBEDDED_FETCH_WAIT_MS.into())]
+        } else {
+            vec![]
+        }
+    }
 }
 
 /// Loads simulated history into the detector's state the way the offline path replays a file
@@ -241,7 +259,7 @@ pub(crate) async fn replay_days(
     let producer: FutureProducer = client_config(
         brokers,
         &[],
-        &[("linger.ms", "5"), ("enable.idempotence", "true")],
+        &[("linger.ms", "1"), ("enable.idempotence", "true")],
     )
     .create()?;
     let mut pacer = Pacer::new(rate);
