@@ -283,6 +283,47 @@ fn serving_scores_equal_offline_evaluation_scores() {
     }
 }
 
+/// `--precision bf16` (this machine has AVX512_BF16) serves scores within 2e-2 of f32 offline
+/// evaluation, and not all identical (the flag reaches the scoring path).
+#[test]
+fn bf16_serving_scores_close_to_f32_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(dir.path(), "cards.csv", &["--days", "6", "--cards", "150"]);
+    let (_, scores, _, _) = serve(&input, dir.path(), &["--precision", "bf16"]);
+    let offline = dir.path().join("offline.csv");
+    fraudstream()
+        .args([
+            "evaluate",
+            "--no-report",
+            "--label-delay",
+            "100000d",
+            "--data",
+        ])
+        .arg(&input)
+        .arg("--scores-out")
+        .arg(&offline)
+        .assert()
+        .success();
+    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[3].parse().unwrap())
+        })
+        .collect();
+    assert_eq!(expected.len(), scores.len());
+    let mut differ = 0;
+    for s in &scores {
+        let id = s["transaction_id"].as_str().unwrap();
+        let d = (s["score"].as_f64().unwrap() - expected[id]).abs();
+        assert!(d < 2e-2, "{id}: bf16 differs by {d}");
+        differ += usize::from(d > 2e-6);
+    }
+    assert!(differ > 0, "no score changed: bf16 did not run");
+}
+
 #[test]
 fn stdin_to_stdout_works_for_scripts() {
     let dir = tempfile::tempdir().unwrap();

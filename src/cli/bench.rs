@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// separated; empty (`--load-levels ''`) skips them.
     #[arg(long, default_value = "0.25,0.5,0.9", value_parser = parse_levels)]
     pub load_levels: LoadLevels,
+    /// Scoring arithmetic (as `serve --precision`).
+    #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
+    pub precision: crate::model::Precision,
     /// Measure the scoring network (and the machine's FMA peak) only: no memory, end-to-end,
     /// pacing or restore runs.
     #[arg(long)]
@@ -118,6 +121,7 @@ fn inference_rate(
 }
 
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
     let inference = inference(&args)?;
@@ -214,6 +218,10 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         ("inference_gflop_per_s", gflops.into()),
         ("inference_flop_per_window", json!(flops)),
         ("inference_isa", json!(isa)),
+        (
+            "inference_precision",
+            json!(format!("{:?}", crate::model::precision()).to_lowercase()),
+        ),
     ])
 }
 

@@ -56,9 +56,13 @@ pub struct EvaluateArgs {
     /// Write per-transaction scores as CSV (transaction_id, card_id, ts, score, label).
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
+    /// Scoring arithmetic (as `serve --precision`): compare bf16 with f32 on the same file.
+    #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
+    pub precision: crate::model::Precision,
 }
 
 pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
+    crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let bundle = Bundle::load(&args.model, &Device::Cpu)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let m = &bundle.manifest;

@@ -28,6 +28,10 @@ pub struct ServeArgs {
     /// Model bundle directory (default: the built-in `models/default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// Scoring arithmetic: f32, or bf16 matrix products (CPUs with AVX512_BF16; faster, scores
+    /// differ slightly: see the README's measurements).
+    #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
+    pub precision: crate::model::Precision,
     /// Embedded mode: transactions from `file:PATH` (JSONL or CSV) or `-` (JSONL on stdin).
     #[arg(long, conflicts_with = "brokers", required_unless_present = "brokers")]
     pub input: Option<Endpoint>,
@@ -249,6 +253,7 @@ pub(crate) async fn shutdown_signal() {
 }
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let (settings, batch) = args.settings()?;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;

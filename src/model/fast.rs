@@ -14,6 +14,7 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+use super::bf16::{self, PackedBf16};
 use super::config::ModelConfig;
 use super::kernel::{self, Isa, Packed};
 use super::pool;
@@ -30,6 +31,58 @@ pub enum ForwardPath {
     Kernel(Isa),
     /// A general GEMM (`matrixmultiply`) and scalar activations: the oracle.
     Reference,
+    /// Every matrix product in bfloat16 with f32 accumulation (AVX512_BF16, [`super::bf16`]),
+    /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
+    Bf16,
+}
+
+/// The arithmetic scoring uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// Single precision throughout (the default).
+    #[default]
+    F32,
+    /// bfloat16 matrix products with f32 accumulation, where the CPU has AVX512_BF16 (see the
+    /// README for its speed and what it changes).
+    Bf16,
+}
+
+static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
+
+/// Sets the process's scoring precision (once, before scoring starts; `--precision`). Fails
+/// when the CPU cannot run it or it was already set to something else.
+pub fn set_precision(p: Precision) -> Result<(), String> {
+    if p == Precision::Bf16 && !super::bf16::available() {
+        return Err("--precision bf16 needs a CPU with AVX512_BF16 (this one has none)".into());
+    }
+    match PRECISION.get_or_init(|| p) {
+        set if *set == p => Ok(()),
+        set => Err(format!("scoring precision already set to {set:?}")),
+    }
+}
+
+/// The scoring precision (f32 unless [`set_precision`] chose bf16).
+pub fn precision() -> Precision {
+    PRECISION.get().copied().unwrap_or_default()
+}
+
+impl ForwardPath {
+    /// The path scoring takes on this machine at this process's precision.
+    pub fn scoring() -> Self {
+        match precision() {
+            Precision::Bf16 => ForwardPath::Bf16,
+            Precision::F32 => ForwardPath::Kernel(kernel::isa()),
+        }
+    }
+
+    /// The instruction set of the activations and attention, None for the reference.
+    fn isa(self) -> Option<Isa> {
+        match self {
+            ForwardPath::Kernel(isa) => Some(isa),
+            ForwardPath::Bf16 => Some(Isa::Avx512),
+            ForwardPath::Reference => None,
+        }
+    }
 }
 
 /// `c = a·b + beta·c` for row-major `a [m,k]` (row stride `lda`), `b [k,n]`, `c [m,n]`.
@@ -85,6 +138,8 @@ fn tanh(x: f32) -> f32 {
 struct DenseW {
     kernel: Vec<f32>,
     packed: Packed,
+    /// Packed on first bf16 use.
+    bf16: std::sync::OnceLock<PackedBf16>,
     bias: Vec<f32>,
     input: usize,
     output: usize,
@@ -96,6 +151,7 @@ impl DenseW {
         DenseW {
             kernel,
             packed,
+            bf16: std::sync::OnceLock::new(),
             bias,
             input,
             output,
@@ -109,6 +165,12 @@ impl DenseW {
         }
         match path {
             ForwardPath::Kernel(isa) => kernel::matmul_acc(isa, x, rows, ldx, &self.packed, out),
+            ForwardPath::Bf16 => {
+                let w = self
+                    .bf16
+                    .get_or_init(|| PackedBf16::new(&self.kernel, self.input, self.output));
+                bf16::matmul_acc(x, rows, ldx, w, out)
+            }
             ForwardPath::Reference => gemm(
                 x,
                 ldx,
@@ -126,6 +188,7 @@ struct LstmW {
     input_w: DenseW,
     recurrent: Vec<f32>,
     recurrent_packed: Packed,
+    recurrent_bf16: std::sync::OnceLock<PackedBf16>,
     hidden: usize,
 }
 
@@ -179,6 +242,12 @@ impl LstmW {
                         kernel::matmul_acc(isa, h, b, ldo, &self.recurrent_packed, g)
                     }
                     ForwardPath::Reference => gemm(h, ldo, &self.recurrent, g, (b, hd, h4), 1.0),
+                    ForwardPath::Bf16 => {
+                        let w = self
+                            .recurrent_bf16
+                            .get_or_init(|| PackedBf16::new(&self.recurrent, hd, h4));
+                        bf16::matmul_acc(h, b, ldo, w, g)
+                    }
                 }
             }
             for i in 0..b {
@@ -193,9 +262,9 @@ impl LstmW {
                 }
                 let gi = &g[i * h4..(i + 1) * h4];
                 let (hi, ci) = (&mut out[o..o + hd], &mut c[i * hd..(i + 1) * hd]);
-                match path {
-                    ForwardPath::Kernel(isa) => kernel::lstm_cell(isa, gi, ci, hi),
-                    ForwardPath::Reference => {
+                match path.isa() {
+                    Some(isa) => kernel::lstm_cell(isa, gi, ci, hi),
+                    None => {
                         for j in 0..hd {
                             let ig = sigmoid(gi[j]);
                             let fg = sigmoid(gi[hd + j]);
@@ -286,6 +355,7 @@ impl FastModel {
             Ok(LstmW {
                 input_w: dense(p, input, 4 * hidden)?,
                 recurrent_packed: Packed::new(&recurrent, hidden, 4 * hidden),
+                recurrent_bf16: std::sync::OnceLock::new(),
                 recurrent,
                 hidden,
             })
@@ -310,7 +380,7 @@ impl FastModel {
     /// 64 or more are split in two halves (windows are independent, so the result is the same),
     /// smaller ones run the BiLSTM's forward and backward directions side by side.
     pub fn predict(&self, windows: &[&[f32]], lens: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
-        self.predict_on(windows, lens, ForwardPath::Kernel(kernel::isa()))
+        self.predict_on(windows, lens, ForwardPath::scoring())
     }
 
     /// [`FastModel::predict`] on the chosen implementation (the reference is the kernels'
@@ -452,11 +522,9 @@ impl FastModel {
             let out = &mut x2[i * x2w + seq_w..];
             let last = &mut attention[i];
             last.resize(t_len, 0.0);
-            match path {
-                ForwardPath::Kernel(isa) => {
-                    kernel::attention(isa, &at, out, b * x2w, last, &mut s.window)
-                }
-                ForwardPath::Reference => reference_attention(&at, out, b * x2w, last),
+            match path.isa() {
+                Some(isa) => kernel::attention(isa, &at, out, b * x2w, last, &mut s.window),
+                None => reference_attention(&at, out, b * x2w, last),
             }
         }
         let h2 = cfg.lstm2;

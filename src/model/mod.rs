@@ -1,5 +1,6 @@
 //! The attention-LSTM (one struct per layer), its initialisation, and the model bundle.
 
+pub mod bf16;
 mod bundle;
 mod config;
 mod fast;
@@ -20,7 +21,7 @@ pub use bundle::{
     BUNDLE_MANIFEST, BUNDLE_WEIGHTS, Bundle, BundleError, MANIFEST_FORMAT, Manifest, ThresholdInfo,
 };
 pub use config::ModelConfig;
-pub use fast::{FastModel, ForwardPath};
+pub use fast::{FastModel, ForwardPath, Precision, precision, set_precision};
 pub use layers::{Attention, Dense, Lstm};
 pub use network::{AttentionLstm, Batch, Output};
 pub use threshold::{Choice, ThresholdRule};
@@ -208,6 +209,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The bf16 path (where the CPU has AVX512_BF16) against the f32 reference: the notebook's
+    /// architecture, random weights, every padding length, at batch 1 and 64. Rounding weights
+    /// and activations to 8 mantissa bits moves scores by about 1e-3; the bound is 2e-2.
+    #[test]
+    fn the_bf16_path_scores_close_to_f32() {
+        if !bf16::available() {
+            eprintln!("AVX512_BF16 not on this CPU: the bf16 path cannot run here");
+            return;
+        }
+        let (window, width) = (30, 30);
+        let cfg = ModelConfig::notebook(width, window);
+        let (_, varmap) = init(&cfg, 13, &Device::Cpu).unwrap();
+        let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(14);
+        let lens: Vec<usize> = (1..=window).chain(1..=window).chain([30; 4]).collect();
+        let data: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&l| {
+                let mut w: Vec<f32> = (0..window * width)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                w[..(window - l) * width].fill(0.0);
+                w
+            })
+            .collect();
+        let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let (s_ref, a_ref) = fast.predict_on(&ws, &lens, ForwardPath::Reference);
+        let (s_all, a_all) = fast.predict_on(&ws, &lens, ForwardPath::Bf16);
+        let mut worst = 0f32;
+        for i in 0..lens.len() {
+            let (s_one, _) = fast.predict_on(&ws[i..=i], &lens[i..=i], ForwardPath::Bf16);
+            for s in [s_all[i], s_one[0]] {
+                worst = worst.max((s - s_ref[i]).abs());
+            }
+            for t in 0..window {
+                assert!(
+                    (a_all[i][t] - a_ref[i][t]).abs() < 2e-2,
+                    "attention {i},{t}"
+                );
+            }
+        }
+        assert!(worst < 2e-2, "largest score difference {worst}");
+        assert!(worst > 0.0, "bf16 should round something");
     }
 
     /// Large batches are split over two threads: same scores as one window at a time.
