@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match fraudstream::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", fraudstream::cli::describe(&err));
             ExitCode::from(2)
         }
     }

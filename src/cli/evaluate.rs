@@ -21,9 +21,9 @@ use crate::train::{TrainingReport, WindowSet, parse_date};
 /// Options of `evaluate`.
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// Model bundle directory.
-    #[arg(long, default_value = "models/default")]
-    pub model: PathBuf,
+    /// Model bundle directory (default: the built-in `models/default`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Labelled transactions (CSV or JSONL) in the bundle's spec.
     #[arg(long)]
     pub data: PathBuf,
@@ -63,8 +63,12 @@ pub struct EvaluateArgs {
 
 pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
-    let bundle = Bundle::load(&args.model, &Device::Cpu)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu).with_context(
+        || match &args.model {
+            Some(dir) => format!("loading model {}", dir.display()),
+            None => "loading the built-in model".into(),
+        },
+    )?;
     let m = &bundle.manifest;
     let set = windows(&args, &bundle)?;
     let bar = super::progress(set.len() as u64, "windows");

@@ -83,3 +83,50 @@ pub(crate) fn progress(len: u64, unit: &str) -> indicatif::ProgressBar {
     );
     bar
 }
+
+/// An error as one line for people: each cause once. `anyhow`'s `{:#}` joins the chain with
+/// ": ", and an error that already prints its source (`"reading X: {source}"`) would show that
+/// source twice; a cause whose text the line already ends with is left out.
+pub fn describe(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading {path}: {source}")]
+    struct Reading {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = anyhow::Error::new(Reading {
+            path: "x.csv".into(),
+            source: io,
+        })
+        .context("loading x.csv");
+        assert_eq!(
+            describe(&err),
+            "loading x.csv: reading x.csv: No such file or directory"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(describe(&plain), "outer: inner");
+    }
+}

@@ -70,6 +70,14 @@ pub struct Manifest {
 /// Why a bundle could not be written or loaded.
 #[derive(Debug, Error)]
 pub enum BundleError {
+    /// The directory has no manifest: not a bundle (a typo, or the wrong directory).
+    #[error(
+        "{dir} is not a model bundle (no {BUNDLE_MANIFEST}): give a directory `fraudstream train --out` wrote, or leave out --model for the built-in model"
+    )]
+    NotABundle {
+        /// The directory given.
+        dir: PathBuf,
+    },
     /// A file of the bundle could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -161,6 +169,11 @@ impl Bundle {
     /// Reads only the manifest (no verification): for reports about a bundle.
     pub fn read_manifest(dir: &Path) -> Result<Manifest, BundleError> {
         let mpath = dir.join(BUNDLE_MANIFEST);
+        if !mpath.exists() {
+            return Err(BundleError::NotABundle {
+                dir: dir.to_path_buf(),
+            });
+        }
         let text = std::fs::read_to_string(&mpath).map_err(|source| BundleError::Io {
             path: mpath.clone(),
             source,
@@ -174,6 +187,11 @@ impl Bundle {
     /// Loads and verifies a bundle directory.
     pub fn load(dir: &Path, device: &Device) -> Result<Self, BundleError> {
         let mpath = dir.join(BUNDLE_MANIFEST);
+        if !mpath.exists() {
+            return Err(BundleError::NotABundle {
+                dir: dir.to_path_buf(),
+            });
+        }
         let text = std::fs::read_to_string(&mpath).map_err(|source| BundleError::Io {
             path: mpath.clone(),
             source,
