@@ -6,8 +6,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     tune_runtime();
-    fraudstream::observe::init_logging();
     let cli = fraudstream::cli::Cli::parse();
+    fraudstream::observe::init_logging(cli.log_format);
     match fraudstream::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -324,6 +324,45 @@ fn bf16_serving_scores_close_to_f32_evaluation() {
     assert!(differ > 0, "no score changed: bf16 did not run");
 }
 
+/// `--log-format json` (here through its environment variable): every stderr line is one JSON
+/// object; a dead letter's event carries topic, partition, offset, reason and field at the top
+/// level; and the record's payload is not logged.
+#[test]
+fn json_logs_parse_and_carry_the_fields_operators_filter_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &input,
+        "{\"card_id\":\"c1\",\"transaction_id\":\"t1\",\"ts\":1535980281,\"amount\":\"x\",\
+         \"terminal_id\":\"SECRET-PAYLOAD-MARKER\"}\n",
+    )
+    .unwrap();
+    let out = fraudstream()
+        .env("FRAUDSTREAM_LOG_FORMAT", "json")
+        .args(["serve", "--http", "127.0.0.1:0", "--output", "-", "--input"])
+        .arg(format!("file:{}", input.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("SECRET-PAYLOAD-MARKER"), "{stderr}");
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let dead = events
+        .iter()
+        .find(|e| e["reason"] == "not_a_number")
+        .unwrap_or_else(|| panic!("no dead-letter event: {stderr}"));
+    assert_eq!(dead["level"], "WARN");
+    assert_eq!(dead["field"], "amount");
+    assert_eq!(dead["partition"], 0);
+    assert_eq!(dead["offset"], 1);
+    assert!(dead["topic"].as_str().unwrap().ends_with("bad.jsonl"));
+    let summary = events.last().unwrap();
+    assert_eq!(summary["dead_lettered"], 1, "{summary}");
+}
+
 #[test]
 fn stdin_to_stdout_works_for_scripts() {
     let dir = tempfile::tempdir().unwrap();

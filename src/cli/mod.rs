@@ -27,6 +27,10 @@ pub use validate::{SpecArgs, ValidateArgs};
 #[derive(Debug, Parser)]
 #[command(name = "fraudstream", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Log lines as text or one JSON object a line (any command; also FRAUDSTREAM_LOG_FORMAT).
+    #[arg(long, global = true, value_enum, env = "FRAUDSTREAM_LOG_FORMAT",
+          default_value_t = crate::observe::LogFormat::Text)]
+    pub log_format: crate::observe::LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

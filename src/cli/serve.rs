@@ -343,6 +343,15 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
-    eprintln!("{}", stats.summary());
+    match crate::observe::log_format() {
+        crate::observe::LogFormat::Text => eprintln!("{}", stats.summary()),
+        crate::observe::LogFormat::Json => tracing::info!(
+            scored = stats.scored,
+            alerts = stats.alerts,
+            dead_lettered = stats.invalid,
+            "{}",
+            stats.summary()
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
