@@ -2,11 +2,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     tune_runtime();
-    let cli = fraudstream::cli::Cli::parse();
+    let cli = match fraudstream::cli::parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            eprintln!("error: {}", fraudstream::cli::describe(&err));
+            return ExitCode::from(2);
+        }
+    };
     fraudstream::observe::init_logging(cli.log_format);
     match fraudstream::cli::run(cli) {
         Ok(code) => code,

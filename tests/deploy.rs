@@ -1,7 +1,8 @@
 //! The deployment files are valid and agree with the binary: `docker-compose config` parses the
 //! compose file, `promtool` checks the Prometheus config and alert rules (and runs their unit
 //! tests), every metric a Grafana panel or an alert rule queries is one the detector exports, and
-//! the Kubernetes manifests pass the detector flags it has and probe routes it serves.
+//! the Kubernetes manifests and the compose file run it from configuration files it accepts
+//! (`deploy/fraudstream.toml` documents every setting) and probe routes it serves.
 //! docker-compose and promtool are installed by .ci/test (no Docker engine is needed).
 
 use std::collections::{BTreeSet, HashMap};
@@ -22,6 +23,26 @@ fn serve_help() -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `serve --config FILE --help`: succeeds only when every key of FILE is a serve setting of a
+/// type it takes (the file is read before the help is printed, its values as the defaults).
+fn serve_accepts_config(file: &Path) -> String {
+    run_ok(
+        Command::new(env!("CARGO_BIN_EXE_fraudstream"))
+            .args(["serve", "--help", "--config"])
+            .arg(file),
+    )
+}
+
+/// The uncommented `key = value` lines of a TOML file, before its first table.
+fn top_level_keys(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once(" = "))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
 }
 
 fn yaml_docs(path: &Path) -> Vec<Yaml> {
@@ -59,21 +80,28 @@ fn compose_file_validates_and_runs_the_whole_stack() {
     }
     assert!(config.contains("dockerfile: deploy/Dockerfile"));
     assert!(config.contains("--labels-topic labels --label-delay 60"));
-    // The detector's command line is one the binary accepts.
-    let help = serve_help();
-    for flag in [
-        "--brokers",
-        "--group",
-        "--input-topic",
-        "--alerts-topic",
-        "--scores-topic",
-        "--dead-letter-topic",
-        "--labels-topic",
-        "--changelog-topic",
-        "--state-dir",
-        "--http",
+    // The detector runs from deploy/fraudstream.toml, which the binary accepts, with these.
+    assert!(config.contains("--config=/etc/fraudstream/fraudstream.toml"));
+    assert!(config.contains("deploy/fraudstream.toml:/etc/fraudstream/fraudstream.toml:ro"));
+    let file = root().join("deploy/fraudstream.toml");
+    serve_accepts_config(&file);
+    let keys = top_level_keys(&std::fs::read_to_string(&file).unwrap());
+    for key in [
+        "brokers",
+        "group",
+        "input-topic",
+        "alerts-topic",
+        "scores-topic",
+        "dead-letter-topic",
+        "labels-topic",
+        "changelog-topic",
+        "state-dir",
+        "http",
     ] {
-        assert!(config.contains(flag) && help.contains(flag), "{flag}");
+        assert!(
+            keys.contains_key(key),
+            "{key} not set in deploy/fraudstream.toml"
+        );
     }
     // The changelog topic is created compacted.
     assert!(config.contains("--topic transactions-changelog"));
@@ -83,6 +111,32 @@ fn compose_file_validates_and_runs_the_whole_stack() {
         if let Some(src) = line.trim().strip_prefix("source: ") {
             assert!(Path::new(src).exists(), "mounted {src} is missing");
         }
+    }
+}
+
+/// deploy/fraudstream.toml documents every setting of `serve` (set, or commented out with its
+/// default).
+#[test]
+fn the_example_config_documents_every_serve_setting() {
+    let text = std::fs::read_to_string(root().join("deploy/fraudstream.toml")).unwrap();
+    let help = serve_help();
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|w| w.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
+        .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .collect();
+    assert!(flags.len() > 30, "{flags:?}");
+    for flag in flags {
+        if matches!(flag, "help" | "version" | "config" | "log-format") {
+            continue;
+        }
+        let documented = if flag == "kafka" {
+            text.contains("\n[kafka]\n")
+        } else {
+            text.contains(&format!("\n{flag} = ")) || text.contains(&format!("\n# {flag} = "))
+        };
+        assert!(documented, "--{flag} is not in deploy/fraudstream.toml");
     }
 }
 
@@ -237,23 +291,39 @@ fn kubernetes_manifests_match_the_binary() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert_eq!(args[0], "serve");
-    let help = serve_help();
-    let mut http_port = None;
-    for arg in &args[1..] {
-        let (flag, value) = arg.split_once('=').unwrap_or((arg, ""));
-        assert!(help.contains(flag), "serve has no {flag}");
-        // $(VAR) comes from the ConfigMap.
-        if let Some(var) = value.strip_prefix("$(").and_then(|v| v.strip_suffix(')')) {
-            assert!(
-                config.contains_key(&Yaml::String(var.into())),
-                "{var} not in the ConfigMap"
-            );
-        }
-        if flag == "--http" {
-            http_port = value.rsplit(':').next().map(|p| p.parse::<i64>().unwrap());
-        }
-    }
+    // serve --config FILE, FILE mounted from the ConfigMap's fraudstream.toml, which the
+    // binary accepts.
+    assert_eq!(
+        args,
+        ["serve", "--config=/etc/fraudstream/config/fraudstream.toml"]
+    );
+    let mount = container["volumeMounts"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/etc/fraudstream/config"))
+        .expect("the config directory is mounted");
+    let volume = pod["spec"]["volumes"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("the mounted volume");
+    assert_eq!(volume["configMap"]["name"].as_str(), Some("fraudstream"));
+    assert_eq!(
+        volume["configMap"]["items"][0]["key"].as_str(),
+        Some("fraudstream.toml")
+    );
+    let toml = config[&Yaml::String("fraudstream.toml".into())]
+        .as_str()
+        .expect("fraudstream.toml in the ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fraudstream.toml");
+    std::fs::write(&file, toml).unwrap();
+    serve_accepts_config(&file);
+    let http_port = top_level_keys(toml)
+        .get("http")
+        .and_then(|h| h.rsplit(':').next().map(|p| p.parse::<i64>().unwrap()));
     let port = container["ports"][0]["containerPort"].as_i64().unwrap();
     assert_eq!(http_port, Some(port), "--http and containerPort differ");
     let annotations = &pod["metadata"]["annotations"];

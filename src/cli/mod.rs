@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and the glue from each subcommand to the library.
 
 mod bench;
+pub mod config;
 mod data;
 mod demo;
 mod evaluate;
@@ -48,7 +49,7 @@ pub enum Command {
     /// Score a labelled file with a model bundle at natural prevalence; metrics and HTML report.
     Evaluate(EvaluateArgs),
     /// Run the detector: score transactions card by card and publish alerts.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Produce a file's transactions into a Kafka topic, keyed by card, in time order.
     Replay(ReplayArgs),
     /// Measure inference and end-to-end throughput.
@@ -59,6 +60,12 @@ pub enum Command {
     Spec(SpecArgs),
 }
 
+/// The command line of this process, with `serve`'s environment variables and config file
+/// applied ([`config`]).
+pub fn parse() -> anyhow::Result<Cli> {
+    config::parse_from(std::env::args_os().collect())
+}
+
 /// Runs the parsed command; the exit code says whether it succeeded.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -66,7 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate(args) => simulate::run(args),
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Replay(args) => replay::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Validate(args) => validate::run(args),

@@ -25,6 +25,11 @@ use crate::stream::{
 /// Options of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML file of these settings (keys: the long flag names; `[kafka]` a table of
+    /// librdkafka settings). Precedence: flags > FRAUDSTREAM_* environment > this file >
+    /// defaults; an unknown key is an error. Example: deploy/fraudstream.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Model bundle directory (default: the built-in `models/default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -254,6 +259,15 @@ pub(crate) async fn shutdown_signal() {
 
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
+    let effective = super::config::effective();
+    if !effective.is_empty() {
+        let line = effective
+            .iter()
+            .map(|s| format!("{}={} ({})", s.name, s.value, s.source))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(settings = %line, "configuration (flags > environment > file > defaults; secrets redacted)");
+    }
     let (settings, batch) = args.settings()?;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
@@ -325,7 +339,11 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 exactly_once: args
                     .exactly_once
                     .then(|| Duration::from_millis(args.transaction_interval_ms)),
-                extra: args.kafka,
+                extra: super::config::file_kafka()
+                    .iter()
+                    .cloned()
+                    .chain(args.kafka)
+                    .collect(),
                 batch,
                 on_assigned: None,
             };

@@ -19,7 +19,7 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object a line: `timestamp`, `level`, `target`, `message` and the event's fields
-    /// (`topic`, `partition`, `offset`, `card`, `reason`, `field`, ...) at the top level, for log
+    /// (`topic`, `partition`, `offset`, `reason`, `field`, ...) at the top level, for log
     /// pipelines to filter on.
     Json,
 }
