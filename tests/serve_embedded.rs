@@ -238,6 +238,19 @@ fn redelivered_transactions_are_not_scored_twice() {
     assert!(stderr.contains("10 duplicates"), "{stderr}");
 }
 
+/// `evaluate --scores-out`'s file as transaction id -> score.
+fn offline_scores(path: &std::path::Path) -> HashMap<String, f64> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split(',').collect();
+            (c[0].to_string(), c[3].parse().unwrap())
+        })
+        .collect()
+}
+
 #[test]
 fn serving_scores_equal_offline_evaluation_scores() {
     let dir = tempfile::tempdir().unwrap();
@@ -262,15 +275,7 @@ fn serving_scores_equal_offline_evaluation_scores() {
         .arg(&offline)
         .assert()
         .success();
-    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let c: Vec<&str> = l.split(',').collect();
-            (c[0].to_string(), c[3].parse().unwrap())
-        })
-        .collect();
+    let expected = offline_scores(&offline);
     assert_eq!(expected.len(), scores.len());
     for s in &scores {
         let id = s["transaction_id"].as_str().unwrap();
@@ -304,15 +309,7 @@ fn bf16_serving_scores_close_to_f32_evaluation() {
         .arg(&offline)
         .assert()
         .success();
-    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let c: Vec<&str> = l.split(',').collect();
-            (c[0].to_string(), c[3].parse().unwrap())
-        })
-        .collect();
+    let expected = offline_scores(&offline);
     assert_eq!(expected.len(), scores.len());
     let mut differ = 0;
     for s in &scores {
@@ -487,15 +484,7 @@ fn warming_from_history_scores_like_offline_evaluation_of_everything() {
         .arg(&offline)
         .assert()
         .success();
-    let expected: HashMap<String, f64> = std::fs::read_to_string(&offline)
-        .unwrap()
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let c: Vec<&str> = l.split(',').collect();
-            (c[0].to_string(), c[3].parse().unwrap())
-        })
-        .collect();
+    let expected = offline_scores(&offline);
     assert_eq!(scores.len(), live.len());
     assert_eq!(expected.len(), live.len());
     for s in &scores {

@@ -153,6 +153,24 @@ mod tests {
         }
     }
 
+    /// Random windows (values in -3..3) left-padded with zeros to their lengths `lens`.
+    fn padded_windows(
+        rng: &mut ChaCha8Rng,
+        lens: &[usize],
+        window: usize,
+        width: usize,
+    ) -> Vec<Vec<f32>> {
+        lens.iter()
+            .map(|&l| {
+                let mut w: Vec<f32> = (0..window * width)
+                    .map(|_| rng.random_range(-3.0..3.0))
+                    .collect();
+                w[..(window - l) * width].fill(0.0);
+                w
+            })
+            .collect()
+    }
+
     /// The kernels (this CPU's best instruction set) against the reference forward and the
     /// candle network: the notebook's architecture with random weights, random windows of every
     /// padding length 1..=30, one at a time (batch 1) and all together (a batch split over two
@@ -169,16 +187,7 @@ mod tests {
             .chain(1..=window)
             .chain([30, 1, 17, 30])
             .collect();
-        let data: Vec<Vec<f32>> = lens
-            .iter()
-            .map(|&l| {
-                let mut w: Vec<f32> = (0..window * width)
-                    .map(|_| rng.random_range(-3.0..3.0))
-                    .collect();
-                w[..(window - l) * width].fill(0.0);
-                w
-            })
-            .collect();
+        let data = padded_windows(&mut rng, &lens, window, width);
         let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
         let batch = Batch::new(&ws, &lens, window, width, &Device::Cpu).unwrap();
         let (s_candle, a_candle) = model.predict(&batch).unwrap();
@@ -226,16 +235,7 @@ mod tests {
         let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(14);
         let lens: Vec<usize> = (1..=window).chain(1..=window).chain([30; 4]).collect();
-        let data: Vec<Vec<f32>> = lens
-            .iter()
-            .map(|&l| {
-                let mut w: Vec<f32> = (0..window * width)
-                    .map(|_| rng.random_range(-3.0..3.0))
-                    .collect();
-                w[..(window - l) * width].fill(0.0);
-                w
-            })
-            .collect();
+        let data = padded_windows(&mut rng, &lens, window, width);
         let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
         let (s_ref, a_ref) = fast.predict_on(&ws, &lens, ForwardPath::Reference);
         let (s_all, a_all) = fast.predict_on(&ws, &lens, ForwardPath::Bf16);
