@@ -187,6 +187,69 @@ fn learns_the_amount_scenario_and_reports_it() {
         .stdout(predicates::str::contains("classification report"))
         .stdout(predicates::str::contains("confusion matrix"))
         .stdout(predicates::str::contains("card precision@100"));
+
+    // Two models on the same transactions: the trained one (A) against the built-in one (B).
+    let from = test_from.to_string();
+    let compared = dir.path().join("compared");
+    let both = fraudstream()
+        .args(["evaluate", "--json", "--bootstrap", "300", "--model"])
+        .arg(&model)
+        .args(["--model", "builtin", "--data"])
+        .arg(&data)
+        .args(["--from", &from, "--report"])
+        .arg(&compared)
+        .output()
+        .unwrap();
+    common::assert_success(&both);
+    let c: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
+    let builtin = evaluate_json(Path::new("builtin"), &data, &compared, &["--from", &from]);
+    for (side, alone) in [("a", &v), ("b", &builtin)] {
+        for key in ["average_precision", "precision", "recall", "transactions", "frauds"] {
+            assert_eq!(c[side][key], alone[key], "{side} {key}: {c}");
+        }
+    }
+    let d = &c["ap_difference"];
+    let f = |k: &str| d[k].as_f64().unwrap();
+    let expected = builtin["average_precision"].as_f64().unwrap() - ap;
+    assert!((f("difference") - expected).abs() < 1e-12, "{d}");
+    assert!(f("low") <= f("difference") && f("difference") <= f("high"), "{d}");
+    assert_eq!(d["resamples"], 300);
+    let verdict = c["verdict"].as_str().unwrap();
+    let expected_verdict = if f("low") > 0.0 {
+        "B is better"
+    } else if f("high") < 0.0 {
+        "A is better"
+    } else {
+        "no significant difference"
+    };
+    assert!(verdict.starts_with(expected_verdict), "{verdict} for {d}");
+    assert_eq!(&std::fs::read(compared.join("pr_compare.png")).unwrap()[1..4], b"PNG");
+    let html = std::fs::read_to_string(compared.join("compare.html")).unwrap();
+    assert!(html.contains(verdict) && html.contains("pr_compare.png"), "{html}");
+    // A model against itself: no difference, and the paired interval says so exactly.
+    let same = fraudstream()
+        .args(["evaluate", "--no-report", "--bootstrap", "100", "--model"])
+        .arg(&model)
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    common::assert_success(&same);
+    let text = String::from_utf8_lossy(&same.stdout);
+    assert!(
+        text.contains("AP(B) - AP(A):   +0.0000, 95% interval [+0.0000, +0.0000]")
+            && text.contains("verdict:         no significant difference"),
+        "{text}"
+    );
+    // Three models are refused by name.
+    fraudstream()
+        .args(["evaluate", "--model", "a", "--model", "b", "--model", "c", "--data"])
+        .arg(&data)
+        .assert()
+        .failure()
+        .stderr(predicates::str::contains("compares at most two models"));
 }
 
 /// A ULB-shaped CSV (Time, V1..V28, Amount, Class): fraud shows in V1 and V2.

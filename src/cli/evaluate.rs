@@ -21,9 +21,10 @@ use crate::train::{TrainingReport, WindowSet, parse_date};
 /// Options of `evaluate`.
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// Model bundle directory (default: the built-in `models/default`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    /// Model bundle directory (default: the built-in `models/default`). Give it twice to compare
+    /// two bundles on the same transactions (`builtin` names the built-in model).
+    #[arg(long, num_args = 1)]
+    pub model: Vec<PathBuf>,
     /// Labelled transactions (CSV or JSONL) in the bundle's spec.
     #[arg(long)]
     pub data: PathBuf,
@@ -59,16 +60,31 @@ pub struct EvaluateArgs {
     /// Scoring arithmetic (as `serve --precision`): compare bf16 with f32 on the same file.
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,
+    /// Comparing two models: bootstrap resamples for the interval on the AP difference.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Comparing two models: the bootstrap's seed.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+/// Loads `--model DIR` (or the built-in model for none or `builtin`).
+pub(crate) fn load_bundle(dir: Option<&std::path::Path>) -> anyhow::Result<Bundle> {
+    let dir = dir.filter(|d| !(d.as_os_str() == "builtin" && !d.exists()));
+    Bundle::load_or_default(dir, &Device::Cpu).with_context(|| match dir {
+        Some(dir) => format!("loading model {}", dir.display()),
+        None => "loading the built-in model".into(),
+    })
 }
 
 pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
-    let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu).with_context(
-        || match &args.model {
-            Some(dir) => format!("loading model {}", dir.display()),
-            None => "loading the built-in model".into(),
-        },
-    )?;
+    match args.model.len() {
+        0 | 1 => {}
+        2 => return super::compare::run(&args),
+        n => anyhow::bail!("--model given {n} times: evaluate compares at most two models"),
+    }
+    let bundle = load_bundle(args.model.first().map(PathBuf::as_path))?;
     let m = &bundle.manifest;
     let set = windows(&args, &bundle)?;
     let bar = super::progress(set.len() as u64, "windows");
@@ -135,7 +151,7 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
 
 /// The windows of the transactions between --from and --until, every earlier one feeding them,
 /// labels known as the bundle was trained to assume (unless --label-delay says otherwise).
-fn windows(args: &EvaluateArgs, bundle: &Bundle) -> anyhow::Result<WindowSet> {
+pub(crate) fn windows(args: &EvaluateArgs, bundle: &Bundle) -> anyhow::Result<WindowSet> {
     let m = &bundle.manifest;
     let bound = |v: &Option<String>, default: f64| -> anyhow::Result<f64> {
         Ok(v.as_deref().map(parse_date).transpose()?.unwrap_or(default))
@@ -174,7 +190,7 @@ fn print_groups(column: &str, g: &std::collections::BTreeMap<String, GroupRecall
 }
 
 /// Each transaction id's value of `column`, read from the file (the spec does not carry it).
-fn group_values(
+pub(crate) fn group_values(
     path: &std::path::Path,
     format: Option<Format>,
     m: &crate::model::Manifest,

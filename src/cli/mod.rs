@@ -4,6 +4,7 @@ mod bench;
 pub mod config;
 mod data;
 mod demo;
+mod compare;
 mod evaluate;
 mod replay;
 mod serve;

@@ -120,6 +120,120 @@ pub fn write(dir: &Path, input: &ReportInput) -> Result<PathBuf, ReportError> {
     Ok(html)
 }
 
+/// One model of a comparison.
+pub struct CompareSide<'a> {
+    /// Its manifest.
+    pub manifest: &'a Manifest,
+    /// Its headline numbers.
+    pub summary: &'a Summary,
+    /// Its scores, row for row with the other model's.
+    pub scores: &'a [f32],
+}
+
+/// What `evaluate --model A --model B` shows.
+pub struct CompareInput<'a> {
+    /// Which data was evaluated.
+    pub data_label: String,
+    /// A and B.
+    pub models: [CompareSide<'a>; 2],
+    /// The labels both were scored against.
+    pub labels: &'a [bool],
+    /// The paired bootstrap of the AP difference.
+    pub difference: &'a metrics::ApDifference,
+}
+
+/// Writes `compare.html` and `pr_compare.png` into `dir`; returns the HTML path.
+pub fn write_comparison(dir: &Path, input: &CompareInput) -> Result<PathBuf, ReportError> {
+    std::fs::create_dir_all(dir)?;
+    plots::ensure_font().map_err(ReportError::Font)?;
+    let thin = |n: usize| (n / 2000).max(1);
+    let curves: Vec<(String, Vec<metrics::PrPoint>, (f64, f64))> = ["A", "B"]
+        .iter()
+        .zip(&input.models)
+        .map(|(name, m)| {
+            let curve = metrics::pr_curve(m.scores, input.labels);
+            let thinned = curve.iter().step_by(thin(curve.len())).copied().collect();
+            let s = m.summary;
+            let label = format!(
+                "{name}: {} {} (AP {:.3})",
+                m.manifest.name, m.manifest.version, s.average_precision
+            );
+            (label, thinned, (s.recall, s.precision))
+        })
+        .collect();
+    let s = input.models[0].summary;
+    let prevalence = s.frauds as f64 / s.transactions.max(1) as f64;
+    plots::pr_curves(&dir.join("pr_compare.png"), &curves, prevalence)
+        .map_err(|message| ReportError::Plot {
+            name: "pr_compare",
+            message,
+        })?;
+    let d = input.difference;
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>fraudstream comparison</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f4f4f4}}img{{max-width:720px;margin:6px;border:1px solid #eee}}code{{background:#f4f4f4}}</style></head><body>
+<h1>fraudstream: model A against model B</h1>
+<p>Data: {data}. Natural prevalence: {n} transactions, {f} frauds ({prev:.3}%); both models scored every one of them.</p>
+<h2>Is B better?</h2><p><b>{verdict}</b>.<br>AP(B) &minus; AP(A) = {diff:+.4}, 95% interval [{lo:+.4}, {hi:+.4}]
+(paired bootstrap: {k} resamples of the transactions, both models scored on each; seed {seed}; B higher in {pct:.1}% of them).</p>
+<table><tr><th></th><th>A</th><th>B</th></tr>"#,
+        data = esc(&input.data_label),
+        n = s.transactions,
+        f = s.frauds,
+        prev = 100.0 * prevalence,
+        verdict = esc(d.verdict()),
+        diff = d.difference,
+        lo = d.low,
+        hi = d.high,
+        k = d.resamples,
+        seed = d.seed,
+        pct = 100.0 * d.b_better_fraction,
+    );
+    let [a, b] = &input.models;
+    let mut row = |name: &str, x: String, y: String| {
+        let _ = write!(
+            h,
+            "<tr><th>{}</th><td>{}</td><td>{}</td></tr>",
+            esc(name),
+            esc(&x),
+            esc(&y)
+        );
+    };
+    row("model", a.manifest.name.clone(), b.manifest.name.clone());
+    row(
+        "version",
+        a.manifest.version.clone(),
+        b.manifest.version.clone(),
+    );
+    let fields: [(&str, fn(&Summary) -> f64); 8] = [
+        ("threshold", |s| s.threshold),
+        ("average precision", |s| s.average_precision),
+        ("ROC AUC", |s| s.roc_auc),
+        ("precision", |s| s.precision),
+        ("recall", |s| s.recall),
+        ("F1", |s| s.f1),
+        ("alert rate %", |s| 100.0 * s.alert_rate),
+        ("card precision@100", |s| s.card_precision_at_100),
+    ];
+    for (name, f) in fields {
+        row(
+            name,
+            format!("{:.4}", f(a.summary)),
+            format!("{:.4}", f(b.summary)),
+        );
+    }
+    h.push_str(
+        r#"</table><h2>Precision-recall</h2><img src="pr_compare.png" alt="precision-recall curves of A and B"></body></html>"#,
+    );
+    let html = dir.join("compare.html");
+    std::fs::write(&html, h)?;
+    Ok(html)
+}
+
 fn render(input: &ReportInput, history: &[EpochRecord], has_history: bool) -> String {
     let m = input.manifest;
     let s = input.summary;

@@ -165,6 +165,60 @@ pub fn pr_curve(
     root.present().map_err(err)
 }
 
+/// Several precision-recall curves on one chart, each with its operating point: `(label,
+/// curve, (recall, precision) at its threshold)`.
+pub fn pr_curves(
+    path: &Path,
+    curves: &[(String, Vec<PrPoint>, (f64, f64))],
+    prevalence: f64,
+) -> PlotResult {
+    let root = BitMapBackend::new(path, (W, H)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Precision-recall: A and B", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("recall")
+        .y_desc("precision")
+        .draw()
+        .map_err(err)?;
+    let colours = [BLUE, RED, GREEN, MAGENTA];
+    for (k, (label, curve, (r, p))) in curves.iter().enumerate() {
+        let c = colours[k % colours.len()];
+        chart
+            .draw_series(LineSeries::new(
+                curve.iter().map(|p| (p.recall, p.precision)),
+                c.stroke_width(2),
+            ))
+            .map_err(err)?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], c.stroke_width(2)));
+        chart
+            .draw_series(std::iter::once(Circle::new((*r, *p), 7, c.filled())))
+            .map_err(err)?;
+    }
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, prevalence), (1.0, prevalence)],
+            BLACK.mix(0.4),
+        ))
+        .map_err(err)?
+        .label(format!("no skill ({prevalence:.4}); dots: thresholds"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(err)
+}
+
 /// ROC curve.
 pub fn roc_curve(path: &Path, points: &[(f64, f64)], auc: f64) -> PlotResult {
     let root = BitMapBackend::new(path, (W, H)).into_drawing_area();

@@ -226,6 +226,138 @@ pub fn daily_card_precision(
         .collect()
 }
 
+/// Average precision of scores ranked by `order` (descending score) when transaction `i`
+/// counts `weight[i]` times: a bootstrap resample without copying the data. Ties form one
+/// threshold, as in [`average_precision`]; NaN without a weighted positive.
+pub fn weighted_average_precision(
+    scores: &[f32],
+    labels: &[bool],
+    order: &[usize],
+    weight: &[u32],
+) -> f64 {
+    let positives: f64 = order
+        .iter()
+        .filter(|&&i| labels[i])
+        .map(|&i| f64::from(weight[i]))
+        .sum();
+    if positives == 0.0 {
+        return f64::NAN;
+    }
+    let (mut tp, mut fp, mut ap, mut prev_recall) = (0.0, 0.0, 0.0, 0.0);
+    for (k, &i) in order.iter().enumerate() {
+        let w = f64::from(weight[i]);
+        if labels[i] {
+            tp += w;
+        } else {
+            fp += w;
+        }
+        let last_of_tie = order.get(k + 1).is_none_or(|&j| scores[j] != scores[i]);
+        if last_of_tie && tp + fp > 0.0 {
+            let recall = tp / positives;
+            ap += (recall - prev_recall) * tp / (tp + fp);
+            prev_recall = recall;
+        }
+    }
+    ap
+}
+
+/// Two models' average precision on the same transactions, and a paired bootstrap of the
+/// difference: each resample draws the transactions with replacement once and scores both
+/// models on that same draw, so the interval reflects the models, not which transactions
+/// happened to be drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ApDifference {
+    /// AP of the first model on all transactions.
+    pub ap_a: f64,
+    /// AP of the second model.
+    pub ap_b: f64,
+    /// `ap_b - ap_a`.
+    pub difference: f64,
+    /// 2.5th percentile of the resampled differences.
+    pub low: f64,
+    /// 97.5th percentile.
+    pub high: f64,
+    /// Fraction of resamples in which the second model's AP was higher.
+    pub b_better_fraction: f64,
+    /// Resamples drawn (those without a fraud are skipped).
+    pub resamples: usize,
+    /// The generator's seed (the same seed gives the same interval).
+    pub seed: u64,
+}
+
+impl ApDifference {
+    /// What the interval says, in words.
+    pub fn verdict(&self) -> &'static str {
+        if self.low > 0.0 {
+            "B is better: the 95% interval of AP(B) - AP(A) lies above 0"
+        } else if self.high < 0.0 {
+            "A is better: the 95% interval of AP(B) - AP(A) lies below 0"
+        } else {
+            "no significant difference: the 95% interval of AP(B) - AP(A) contains 0"
+        }
+    }
+}
+
+/// The paired bootstrap of AP(B) - AP(A) (`resamples` draws of all transactions with
+/// replacement, seeded; run on the rayon pool). `tick` is called after each resample.
+pub fn paired_bootstrap_ap(
+    a: &[f32],
+    b: &[f32],
+    labels: &[bool],
+    resamples: usize,
+    seed: u64,
+    tick: impl Fn() + Sync,
+) -> ApDifference {
+    use rand::{RngExt, SeedableRng};
+    use rayon::prelude::*;
+    assert_eq!(a.len(), labels.len(), "one score per label");
+    assert_eq!(b.len(), labels.len(), "one score per label");
+    let (order_a, order_b) = (order_desc(a), order_desc(b));
+    let n = labels.len();
+    let mut diffs: Vec<f64> = (0..resamples)
+        .into_par_iter()
+        .map_init(
+            || vec![0u32; n],
+            |weight, r| {
+                weight.fill(0);
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for _ in 0..n {
+                    weight[rng.random_range(0..n)] += 1;
+                }
+                let d = weighted_average_precision(b, labels, &order_b, weight)
+                    - weighted_average_precision(a, labels, &order_a, weight);
+                tick();
+                d
+            },
+        )
+        .filter(|d| d.is_finite())
+        .collect();
+    diffs.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        if diffs.is_empty() {
+            f64::NAN
+        } else {
+            quantile_sorted_f64(&diffs, q)
+        }
+    };
+    let (ap_a, ap_b) = (average_precision(a, labels), average_precision(b, labels));
+    ApDifference {
+        ap_a,
+        ap_b,
+        difference: ap_b - ap_a,
+        low: pick(0.025),
+        high: pick(0.975),
+        b_better_fraction: diffs.iter().filter(|&&d| d > 0.0).count() as f64
+            / diffs.len().max(1) as f64,
+        resamples: diffs.len(),
+        seed,
+    }
+}
+
+fn quantile_sorted_f64(sorted: &[f64], q: f64) -> f64 {
+    crate::features::quantile_sorted(sorted, q)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +428,48 @@ mod tests {
             0.3,
             "fewer cards than k still divides by k"
         );
+    }
+
+    #[test]
+    fn weighted_ap_with_unit_weights_is_ap() {
+        let order = order_desc(&S);
+        let ap = weighted_average_precision(&S, &Y, &order, &[1; 6]);
+        assert!((ap - average_precision(&S, &Y)).abs() < 1e-12);
+        // Counting a row twice is the same as duplicating it.
+        let w = [2, 1, 1, 1, 3, 1];
+        let (mut s2, mut y2) = (Vec::new(), Vec::new());
+        for i in 0..6 {
+            for _ in 0..w[i] {
+                s2.push(S[i]);
+                y2.push(Y[i]);
+            }
+        }
+        let ap = weighted_average_precision(&S, &Y, &order, &w);
+        assert!((ap - average_precision(&s2, &y2)).abs() < 1e-12);
+        assert!(weighted_average_precision(&S, &Y, &order, &[1, 1, 0, 0, 1, 0]).is_nan());
+    }
+
+    #[test]
+    fn the_paired_bootstrap_tells_a_better_model_from_noise() {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let n = 4_000;
+        let labels: Vec<bool> = (0..n).map(|i| i % 20 == 0).collect();
+        let noise: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
+        // A: half signal; B: the same plus more signal; C: A with tiny noise.
+        let a: Vec<f32> = (0..n).map(|i| noise[i] + if labels[i] { 0.3 } else { 0.0 }).collect();
+        let b: Vec<f32> = (0..n).map(|i| noise[i] + if labels[i] { 0.8 } else { 0.0 }).collect();
+        let same = paired_bootstrap_ap(&a, &a, &labels, 200, 1, || {});
+        assert_eq!((same.low, same.high, same.difference), (0.0, 0.0, 0.0));
+        assert!(same.verdict().starts_with("no significant"));
+        let better = paired_bootstrap_ap(&a, &b, &labels, 200, 1, || {});
+        assert!(better.difference > 0.2, "{better:?}");
+        assert!(better.low > 0.0 && better.low < better.difference && better.high > better.difference);
+        assert_eq!(better.b_better_fraction, 1.0);
+        assert!(better.verdict().starts_with("B is better"));
+        let worse = paired_bootstrap_ap(&b, &a, &labels, 200, 1, || {});
+        assert!(worse.high < 0.0 && worse.verdict().starts_with("A is better"));
+        // Seeded: the same call gives the same interval.
+        assert_eq!(better, paired_bootstrap_ap(&a, &b, &labels, 200, 1, || {}));
     }
 }
