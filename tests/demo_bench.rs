@@ -85,8 +85,9 @@ fn replayed(stderr: &str) -> u64 {
         .expect("replay line")
 }
 
-/// `--linger-s` keeps the dashboard up after the run: it shows what the run did, with live
-/// precision and recall from the simulator's inline labels.
+/// `--linger-s` keeps the detector and its dashboard up after the stream ends: it shows what
+/// the run did, with live precision and recall from the simulator's inline labels, and settles
+/// as an idle detector does (still ready, lag 0, no traffic).
 #[test]
 fn demo_serves_the_dashboard_with_live_quality() {
     use std::io::{BufRead, BufReader};
@@ -110,12 +111,29 @@ fn demo_serves_the_dashboard_with_live_quality() {
     for line in BufReader::new(child.stderr.take().unwrap()).split(b'\n') {
         let line = String::from_utf8_lossy(&line.unwrap()).into_owned();
         log.push_str(&line);
-        if let Some(rest) = line.split("dashboard stays up at http://").nth(1) {
+        if let Some(rest) = line.split("with its dashboard at http://").nth(1) {
             addr = rest.split('/').next().map(str::to_string);
             break;
         }
     }
     let addr = addr.unwrap_or_else(|| panic!("no linger line:\n{log}"));
+    // Once the stream has ended the detector stays ready and its lag settles to 0 (the
+    // statistics come every 5 s) while the traffic drops to nothing.
+    let settled = common::wait_until(
+        std::time::Duration::from_secs(30),
+        "the dashboard to settle: ready, lag 0, no traffic",
+        || {
+            let (_, body) = common::detector::get(&addr, "/api/dashboard");
+            let d: serde_json::Value = serde_json::from_str(&body).ok()?;
+            let last = d["series"].as_array()?.last()?.clone();
+            (d["ready"] == true && last["lag"] == 0.0 && last["tx_per_s"] == 0.0).then_some(d)
+        },
+    );
+    assert!(common::detector::get(&addr, "/readyz").0.contains("200"));
+    assert_eq!(
+        settled["models"]["champion"]["name"], "attention-lstm",
+        "{settled}"
+    );
     let (status, body) = common::detector::get(&addr, "/api/dashboard");
     let (page_status, page) = common::detector::get(&addr, "/");
     let _ = child.kill();

@@ -136,6 +136,10 @@ fn end_to_end_alerts_dead_letters_offsets_and_file_mode_parity() {
     assert_eq!(dead.len(), 2);
     assert_eq!(dead[0].2["reason"], "invalid_json");
     assert_eq!(dead[1].2["field"], "amount");
+    assert_eq!(
+        dead[1].2["card"], "17",
+        "the dead letter names the record's card"
+    );
     assert_eq!(dead[1].2["topic"], input.as_str());
     assert!(dead[1].2["offset"].as_i64().unwrap() >= 1);
 

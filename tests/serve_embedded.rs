@@ -353,6 +353,7 @@ fn json_logs_parse_and_carry_the_fields_operators_filter_on() {
         .unwrap_or_else(|| panic!("no dead-letter event: {stderr}"));
     assert_eq!(dead["level"], "WARN");
     assert_eq!(dead["field"], "amount");
+    assert_eq!(dead["card"], "c1");
     assert_eq!(dead["partition"], 0);
     assert_eq!(dead["offset"], 1);
     assert!(dead["topic"].as_str().unwrap().ends_with("bad.jsonl"));

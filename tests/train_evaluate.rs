@@ -204,7 +204,13 @@ fn learns_the_amount_scenario_and_reports_it() {
     let c: serde_json::Value = serde_json::from_slice(&both.stdout).unwrap();
     let builtin = evaluate_json(Path::new("builtin"), &data, &compared, &["--from", &from]);
     for (side, alone) in [("a", &v), ("b", &builtin)] {
-        for key in ["average_precision", "precision", "recall", "transactions", "frauds"] {
+        for key in [
+            "average_precision",
+            "precision",
+            "recall",
+            "transactions",
+            "frauds",
+        ] {
             assert_eq!(c[side][key], alone[key], "{side} {key}: {c}");
         }
     }
@@ -212,7 +218,10 @@ fn learns_the_amount_scenario_and_reports_it() {
     let f = |k: &str| d[k].as_f64().unwrap();
     let expected = builtin["average_precision"].as_f64().unwrap() - ap;
     assert!((f("difference") - expected).abs() < 1e-12, "{d}");
-    assert!(f("low") <= f("difference") && f("difference") <= f("high"), "{d}");
+    assert!(
+        f("low") <= f("difference") && f("difference") <= f("high"),
+        "{d}"
+    );
     assert_eq!(d["resamples"], 300);
     let verdict = c["verdict"].as_str().unwrap();
     let expected_verdict = if f("low") > 0.0 {
@@ -223,9 +232,15 @@ fn learns_the_amount_scenario_and_reports_it() {
         "no significant difference"
     };
     assert!(verdict.starts_with(expected_verdict), "{verdict} for {d}");
-    assert_eq!(&std::fs::read(compared.join("pr_compare.png")).unwrap()[1..4], b"PNG");
+    assert_eq!(
+        &std::fs::read(compared.join("pr_compare.png")).unwrap()[1..4],
+        b"PNG"
+    );
     let html = std::fs::read_to_string(compared.join("compare.html")).unwrap();
-    assert!(html.contains(verdict) && html.contains("pr_compare.png"), "{html}");
+    assert!(
+        html.contains(verdict) && html.contains("pr_compare.png"),
+        "{html}"
+    );
     // A model against itself: no difference, and the paired interval says so exactly.
     let same = fraudstream()
         .args(["evaluate", "--no-report", "--bootstrap", "100", "--model"])
@@ -245,7 +260,9 @@ fn learns_the_amount_scenario_and_reports_it() {
     );
     // Three models are refused by name.
     fraudstream()
-        .args(["evaluate", "--model", "a", "--model", "b", "--model", "c", "--data"])
+        .args([
+            "evaluate", "--model", "a", "--model", "b", "--model", "c", "--data",
+        ])
         .arg(&data)
         .assert()
         .failure()

@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// pacing or restore runs.
     #[arg(long)]
     pub inference_only: bool,
+    /// Also measure a shadow challenger's cost: flat out end to end without and with this
+    /// bundle as challenger (as `serve --challenger`).
+    #[arg(long)]
+    pub challenger: Option<PathBuf>,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -144,6 +148,10 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let loads = load_levels(&bundle, &args)?;
     let pacing = replay_pacing(&args)?;
     let restore = restore(&bundle, &args)?;
+    let challenger = match &args.challenger {
+        Some(dir) => challenger_cost(&bundle, dir, &args)?,
+        None => Vec::new(),
+    };
     if args.json {
         let mut out = json!({});
         for (k, v) in inference
@@ -153,6 +161,7 @@ pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .chain(loads)
             .chain(pacing)
             .chain(restore)
+            .chain(challenger)
         {
             out[k] = v;
         }
@@ -270,6 +279,7 @@ fn e2e_run(
     args: &BenchArgs,
     rate: f64,
     tag: &str,
+    challenger: Option<(&Bundle, &std::path::Path)>,
 ) -> anyhow::Result<(RunStats, Arc<Metrics>, u64)> {
     let suffix = format!("{}-{tag}", std::process::id());
     let (input, alerts) = (
@@ -283,6 +293,14 @@ fn e2e_run(
         ..DetectorSettings::default()
     };
     let detector = Arc::new(Detector::new(bundle, settings, metrics.clone()));
+    if let Some((b, dir)) = challenger {
+        detector
+            .install(
+                crate::observe::Role::Challenger,
+                Some((b, Some(dir.to_path_buf()))),
+            )
+            .map_err(anyhow::Error::msg)?;
+    }
     let sim = SimConfig {
         days: args.days,
         ..SimConfig::default()
@@ -340,13 +358,44 @@ fn e2e_run(
     Ok((stats, metrics, transactions))
 }
 
+/// A shadow challenger's cost: flat-out end-to-end throughput without and with it.
+fn challenger_cost(
+    bundle: &Bundle,
+    dir: &std::path::Path,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
+    let challenger = crate::stream::rollout::verified(dir).map_err(anyhow::Error::msg)?;
+    let (alone, _, _) = e2e_run(bundle, args, 0.0, "champion", None)?;
+    let (shadowed, _, _) = e2e_run(bundle, args, 0.0, "challenger", Some((&challenger, dir)))?;
+    let (a, b) = (alone.decided_throughput(), shadowed.decided_throughput());
+    let cost = 1.0 - b / a.max(1e-9);
+    if !args.json {
+        println!(
+            "challenger {} {}: flat out {a:.0} tx/s alone, {b:.0} tx/s with it in the shadow ({:.0}% slower)",
+            challenger.manifest.name,
+            challenger.manifest.version,
+            100.0 * cost
+        );
+    }
+    Ok(vec![(
+        "challenger",
+        json!({
+            "name": challenger.manifest.name,
+            "version": challenger.manifest.version,
+            "flat_out_alone_tx_per_s": a.round(),
+            "flat_out_with_challenger_tx_per_s": b.round(),
+            "cost_fraction": (cost * 1000.0).round() / 1000.0,
+        }),
+    )])
+}
+
 /// End to end through a broker at `--rate`: throughput, latency, and with `--changelog` the
 /// changelog's cost.
 fn end_to_end(
     bundle: &Bundle,
     args: &BenchArgs,
 ) -> anyhow::Result<Vec<(&'static str, serde_json::Value)>> {
-    let (stats, metrics, transactions) = e2e_run(bundle, args, args.rate, "main")?;
+    let (stats, metrics, transactions) = e2e_run(bundle, args, args.rate, "main", None)?;
     if !args.json {
         let rate = if args.rate > 0.0 {
             args.rate.to_string()
@@ -426,12 +475,12 @@ fn load_levels(
     if args.load_levels.0.is_empty() {
         return Ok(vec![]);
     }
-    let (flat, _, _) = e2e_run(bundle, args, 0.0, "flat")?;
+    let (flat, _, _) = e2e_run(bundle, args, 0.0, "flat", None)?;
     let max = flat.decided_throughput();
     let mut levels = Vec::new();
     for (i, fraction) in args.load_levels.0.iter().enumerate() {
         let offered = (fraction * max).max(1.0);
-        let (stats, _, _) = e2e_run(bundle, args, offered, &format!("load{i}"))?;
+        let (stats, _, _) = e2e_run(bundle, args, offered, &format!("load{i}"), None)?;
         if !args.json {
             println!(
                 "at {:.0}% of the flat-out {max:.0} tx/s ({offered:.0} tx/s offered): latency p50 \
@@ -735,10 +784,16 @@ fn memory_per_terminal(bundle: &Bundle, n: usize) -> Option<f64> {
 fn memory_per_remembered_score(n: usize) -> Option<f64> {
     use crate::observe::{LiveQuality, QualitySettings};
     let metrics = Metrics::new(prometheus::Registry::new()).ok()?;
-    let quality = LiveQuality::new(QualitySettings::default(), "bench");
+    let quality = LiveQuality::new(QualitySettings::default());
+    // Every decision shares its model's version string, as in the detector.
+    let version: std::sync::Arc<str> = "bench".into();
     let before = heap_in_use()?;
     for i in 0..n {
-        quality.remember(&(10_000_000 + i).to_string(), i % 100 == 0, 0, &metrics);
+        let verdicts = crate::observe::Verdicts {
+            champion: (version.clone(), i % 100 == 0),
+            challenger: None,
+        };
+        quality.remember(&(10_000_000 + i).to_string(), verdicts, 0, &metrics);
     }
     let after = heap_in_use()?;
     Some((after - before) / n as f64)

@@ -25,6 +25,7 @@ struct Side {
 }
 
 pub(crate) fn run(args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
+    crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let mut sides = Vec::with_capacity(2);
     for (name, dir) in ["A", "B"].iter().zip(&args.model) {
         let bundle = load_bundle(Some(dir))?;
@@ -36,13 +37,8 @@ pub(crate) fn run(args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
         bar.finish_and_clear();
         // The windows are scored: free them before the second model builds its own.
         set.data = Vec::new();
-        let summary = Summary::compute(
-            &scores,
-            &set.labels,
-            &set.keys,
-            &set.ts,
-            bundle.threshold(),
-        );
+        let summary =
+            Summary::compute(&scores, &set.labels, &set.keys, &set.ts, bundle.threshold());
         sides.push(Side {
             bundle,
             set,

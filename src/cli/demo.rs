@@ -16,7 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::features::DEFAULT_LABEL_DELAY;
 use crate::model::Bundle;
-use crate::observe::{Metrics, spawn_server};
+use crate::observe::Metrics;
 use crate::sim::{SimConfig, SimTx, Simulator};
 use crate::stream::kafka::{
     InFlight, KafkaSettings, Pacer, client_config, ensure_topics, run_kafka,
@@ -84,7 +84,21 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         bundle.threshold()
     );
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
-    let served = match rt.block_on(spawn_server(args.http, metrics.clone())) {
+    // The dashboard's model panel reads the detector once it exists.
+    let running: Arc<std::sync::OnceLock<Arc<Detector>>> = Arc::default();
+    let models: crate::observe::ModelsReport = {
+        let running = running.clone();
+        Arc::new(move || {
+            running.get().map_or(serde_json::Value::Null, |d| {
+                crate::stream::rollout::models_report(d, chrono::Utc::now().timestamp_millis())
+            })
+        })
+    };
+    let served = match rt.block_on(crate::observe::spawn_server_with(
+        args.http,
+        metrics.clone(),
+        Some(models),
+    )) {
         Ok(addr) => {
             eprintln!("dashboard: http://{addr}/  (Prometheus metrics: http://{addr}/metrics)");
             Some(addr)
@@ -106,8 +120,13 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .take(args.history_days as usize)
         .flatten()
         .collect();
-    let detector = Arc::new(Detector::new(&bundle, DetectorSettings::default(), metrics));
+    let detector = Arc::new(Detector::new(
+        &bundle,
+        DetectorSettings::default(),
+        metrics.clone(),
+    ));
     warm_up(&detector, &history)?;
+    let _ = running.set(detector.clone());
     let live: Vec<Vec<SimTx>> = days.collect();
     let total: u64 = live.iter().map(|d| d.len() as u64).sum();
     let rate = (args.rate > 0.0).then_some(args.rate);
@@ -137,7 +156,24 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         };
         let done = Arc::new(tokio::sync::Notify::new());
         let finished = done.clone();
-        let stats = run_kafka(detector, settings, async move { finished.notified().await }, |s| {
+        // With --linger-s the detector keeps consuming after the stream ends, so the
+        // dashboard shows it idle and caught up (ready, lag 0), not stopped; the summary is
+        // printed once every transaction's outputs are acknowledged.
+        let linger = (served.is_some() && args.linger_s > 0).then_some(args.linger_s);
+        let stop = async move {
+            finished.notified().await;
+            if let Some(s) = linger {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(s)) => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+        };
+        let mut told = false;
+        let stats = run_kafka(detector, settings, stop, |s| {
+            if told {
+                return;
+            }
             eprint!(
                 "\r  scored {:>7}/{total}  {:>6.0} tx/s  alerts {:>5}  precision {:.3}  recall {:.3}   ",
                 s.scored,
@@ -147,7 +183,16 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 s.recall()
             );
             let _ = std::io::stderr().flush();
-            if s.scored + s.invalid >= total {
+            let acknowledged = metrics.end_to_end_seconds.get_sample_count();
+            if s.scored + s.invalid >= total && (linger.is_none() || acknowledged >= s.scored) {
+                told = true;
+                if let (Some(secs), Some(addr)) = (linger, served) {
+                    eprintln!();
+                    summarise(s, rate);
+                    eprintln!(
+                        "the stream has ended; the detector stays up, idle, with its dashboard at http://{addr}/ for {secs} s (Ctrl-C ends it)"
+                    );
+                }
                 done.notify_one();
             }
         })
@@ -158,6 +203,15 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
         Ok::<_, anyhow::Error>(stats)
     })?;
+    if served.is_none() || args.linger_s == 0 {
+        summarise(&stats, rate);
+    }
+    drop(broker);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The run's summary and what its latency measures, on stdout.
+fn summarise(stats: &crate::stream::RunStats, rate: Option<f64>) {
     println!("{}", stats.summary());
     println!(
         "latency: from each transaction's Kafka timestamp (when the simulator produced it) to the broker's acknowledgement of its alert or score, {}",
@@ -166,20 +220,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             None => "everything produced before the detector started: mostly time spent waiting in the topic".into(),
         }
     );
-    if let (Some(addr), true) = (served, args.linger_s > 0) {
-        eprintln!(
-            "dashboard stays up at http://{addr}/ for {} s (Ctrl-C ends it)",
-            args.linger_s
-        );
-        rt.block_on(async {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(args.linger_s)) => {},
-                _ = tokio::signal::ctrl_c() => {},
-            }
-        });
-    }
-    drop(broker);
-    Ok(ExitCode::SUCCESS)
+    let _ = std::io::stdout().flush();
 }
 
 /// The detector's fetch wait against the embedded broker (see

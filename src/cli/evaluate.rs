@@ -70,7 +70,7 @@ pub struct EvaluateArgs {
 
 /// Loads `--model DIR` (or the built-in model for none or `builtin`).
 pub(crate) fn load_bundle(dir: Option<&std::path::Path>) -> anyhow::Result<Bundle> {
-    let dir = dir.filter(|d| !(d.as_os_str() == "builtin" && !d.exists()));
+    let dir = dir.filter(|d| d.as_os_str() != "builtin" || d.exists());
     Bundle::load_or_default(dir, &Device::Cpu).with_context(|| match dir {
         Some(dir) => format!("loading model {}", dir.display()),
         None => "loading the built-in model".into(),
@@ -79,10 +79,11 @@ pub(crate) fn load_bundle(dir: Option<&std::path::Path>) -> anyhow::Result<Bundl
 
 pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
-    match args.model.len() {
-        0 | 1 => {}
-        2 => return super::compare::run(&args),
-        n => anyhow::bail!("--model given {n} times: evaluate compares at most two models"),
+    if args.model.len() > 2 {
+        anyhow::bail!(
+            "--model given {} times: evaluate compares at most two models",
+            args.model.len()
+        );
     }
     let bundle = load_bundle(args.model.first().map(PathBuf::as_path))?;
     let m = &bundle.manifest;

@@ -1,10 +1,10 @@
 //! Command-line definitions (clap) and the glue from each subcommand to the library.
 
 mod bench;
+mod compare;
 pub mod config;
 mod data;
 mod demo;
-mod compare;
 mod evaluate;
 mod replay;
 mod serve;
@@ -73,6 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Evaluate(args) if args.model.len() == 2 => compare::run(&args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Serve(args) => serve::run(*args),
         Command::Replay(args) => replay::run(args),

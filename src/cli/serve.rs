@@ -12,11 +12,12 @@ use clap::Args;
 use crate::features::DEFAULT_LABEL_DELAY;
 use crate::features::StateLimits;
 use crate::model::Bundle;
-use crate::observe::{Metrics, QualitySettings, spawn_server};
+use crate::observe::{Metrics, ModelsReport, QualitySettings, Role, spawn_server_with};
 use crate::schema::{Format, Span, StateScope};
 use crate::state::cache::{DEFAULT_FLUSH_INTERVAL, MAX_FLUSH_INTERVAL};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
 use crate::stream::kafka::{DEFAULT_TRANSACTION_INTERVAL, KafkaSettings, run_kafka};
+use crate::stream::rollout::{Rollout, spawn_admin};
 use crate::stream::{
     BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_FUTURE_SKEW,
     DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_PAST_AGE, Detector, DetectorSettings, TimeLimits,
@@ -37,6 +38,26 @@ pub struct ServeArgs {
     /// differ slightly: see the README's measurements).
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,
+    /// A shadow challenger bundle: it scores the same windows in the same batches, its scores
+    /// go to the scores topic tagged `challenger`, it never alerts; live precision and recall
+    /// per model on /metrics, /models and the dashboard. Same features as --model (another
+    /// scaler or a shorter window is fine).
+    #[arg(long)]
+    pub challenger: Option<PathBuf>,
+    /// Load a bundle written into the --model (or --challenger) directory while running: it is
+    /// verified beside the running one and swapped in between batches, card state kept; a
+    /// corrupt or incompatible bundle is refused and the running one keeps scoring. SIGHUP
+    /// reloads both directories whether or not this is set.
+    #[arg(long)]
+    pub watch_model: bool,
+    /// With --watch-model: seconds between looks at the model directories.
+    #[arg(long, default_value_t = 5.0)]
+    pub watch_interval_s: f64,
+    /// Serve the admin endpoints here (POST /admin/model, POST|DELETE /admin/challenger, POST
+    /// /admin/promote, GET /admin/models). Off by default: whoever reaches it can change the
+    /// model, so bind it to a private address.
+    #[arg(long)]
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// Embedded mode: transactions from `file:PATH` (JSONL or CSV) or `-` (JSONL on stdin).
     #[arg(long, conflicts_with = "brokers", required_unless_present = "brokers")]
     pub input: Option<Endpoint>,
@@ -277,8 +298,19 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         threshold = bundle.threshold(),
         "model loaded"
     );
+    anyhow::ensure!(
+        args.watch_interval_s.is_finite() && args.watch_interval_s > 0.0,
+        "--watch-interval-s must be a positive number of seconds"
+    );
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new())?);
     let detector = Arc::new(Detector::new(&bundle, settings, metrics.clone()));
+    let rollout = Arc::new(Rollout::new(detector.clone(), args.model.clone()));
+    if let Some(dir) = &args.challenger {
+        rollout
+            .load(Role::Challenger, dir)
+            .map_err(anyhow::Error::msg)
+            .context("loading the challenger")?;
+    }
     if let Some(path) = &args.warm_from {
         warm(&detector, path, args.format, args.warm_label_delay)?;
     }
@@ -292,9 +324,24 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let rt = tokio::runtime::Runtime::new()?;
+    let _runtime = rt.enter();
+    if args.watch_model {
+        rollout.spawn_watch(Duration::from_secs_f64(args.watch_interval_s));
+    }
+    #[cfg(unix)]
+    rollout.spawn_sighup().context("listening for SIGHUP")?;
+    if let Some(addr) = args.admin_addr {
+        rt.block_on(spawn_admin(addr, rollout.clone()))
+            .with_context(|| format!("serving the admin endpoints on {addr}"))?;
+    }
+    let report = rollout.clone();
+    let models: ModelsReport = Arc::new(move || report.report());
     // On Kafka the metrics endpoint is how the detector is watched: failing to serve it is an
     // error. A file run goes on without it.
-    match (rt.block_on(spawn_server(args.http, metrics)), &args.brokers) {
+    match (
+        rt.block_on(spawn_server_with(args.http, metrics, Some(models))),
+        &args.brokers,
+    ) {
         (Ok(_), _) => {}
         (Err(e), Some(_)) => anyhow::bail!("serving HTTP on {}: {e}", args.http),
         (Err(e), None) => tracing::warn!("not serving HTTP on {}: {e}", args.http),

@@ -93,6 +93,11 @@ impl WindowBuilder {
         self.window_len
     }
 
+    /// The feature spec.
+    pub fn spec(&self) -> &FeatureSpec {
+        self.featurizer.spec()
+    }
+
     /// The fitted scaler.
     pub fn scaler(&self) -> &RobustScaler {
         &self.scaler

@@ -46,12 +46,22 @@ struct Previous {
     latency_buckets: Vec<(f64, u64)>,
 }
 
+/// The models scoring now and how each did on labels (`/models`, the dashboard's
+/// champion/challenger panel): given by whoever holds the detector.
+pub type ModelsReport = std::sync::Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// The sampled series, and the metrics they (and the latest alerts) are read from.
-#[derive(Debug)]
 pub struct Dashboard {
     metrics: std::sync::Arc<Metrics>,
     samples: Mutex<VecDeque<Sample>>,
     previous: Mutex<Option<Previous>>,
+    models: Option<ModelsReport>,
+}
+
+impl std::fmt::Debug for Dashboard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dashboard").finish_non_exhaustive()
+    }
 }
 
 fn finite(x: f64) -> Option<f64> {
@@ -110,11 +120,22 @@ pub fn quantile_between(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> 
 impl Dashboard {
     /// A dashboard of `metrics` with no samples yet.
     pub fn new(metrics: std::sync::Arc<Metrics>) -> Self {
+        Self::with_models(metrics, None)
+    }
+
+    /// A dashboard that also shows the model lineup.
+    pub fn with_models(metrics: std::sync::Arc<Metrics>, models: Option<ModelsReport>) -> Self {
         Dashboard {
             metrics,
             samples: Mutex::default(),
             previous: Mutex::default(),
+            models,
         }
+    }
+
+    /// The models scoring now and how each did (None: not known here).
+    pub fn models(&self) -> Option<serde_json::Value> {
+        self.models.as_ref().map(|f| f())
     }
 
     /// The metrics shown.
@@ -165,7 +186,7 @@ impl Dashboard {
     /// The dashboard's JSON: model, totals, series and latest alerts.
     pub fn snapshot(&self) -> serde_json::Value {
         let m = &*self.metrics;
-        let model: serde_json::Map<String, serde_json::Value> = first_labels(&m.model_info);
+        let model: serde_json::Map<String, serde_json::Value> = champion_labels(&m.model_info);
         let count = |o: &str| m.transactions.with_label_values(&[o]).get();
         let dead = sum(&m.dead_letters) as u64;
         let window = |w: &str| {
@@ -190,6 +211,7 @@ impl Dashboard {
             "live": { "5m": window("5m"), "1h": window("1h") },
             "series": *self.samples.lock().expect("samples lock"),
             "alerts": m.recent_alerts.latest(),
+            "models": self.models(),
         })
     }
 }
@@ -210,12 +232,17 @@ fn sum(c: &impl prometheus::core::Collector) -> f64 {
         .sum()
 }
 
-/// The label pairs of a metric's first child (the model info gauge has one).
-fn first_labels(
+/// The label pairs of the model info gauge's champion.
+fn champion_labels(
     c: &impl prometheus::core::Collector,
 ) -> serde_json::Map<String, serde_json::Value> {
     children(c)
-        .first()
+        .iter()
+        .find(|x| {
+            x.get_label()
+                .iter()
+                .any(|l| l.name() == "role" && l.value() == "champion")
+        })
         .map(|x| {
             x.get_label()
                 .iter()

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use super::dashboard::{Dashboard, spawn_sampler};
+use super::dashboard::{Dashboard, ModelsReport, spawn_sampler};
 use super::metrics::Metrics;
 
 async fn metrics(State(d): State<Arc<Dashboard>>) -> impl IntoResponse {
@@ -41,6 +41,13 @@ async fn dashboard_data(State(d): State<Arc<Dashboard>>) -> impl IntoResponse {
     )
 }
 
+async fn models(State(d): State<Arc<Dashboard>>) -> axum::response::Response {
+    match d.models() {
+        Some(v) => ([(header::CACHE_CONTROL, "no-store")], axum::Json(v)).into_response(),
+        None => (StatusCode::NOT_FOUND, "no model lineup here\n").into_response(),
+    }
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -59,6 +66,7 @@ pub fn router(d: Arc<Dashboard>) -> Router {
         .route("/", get(dashboard))
         .route("/api/dashboard", get(dashboard_data))
         .route("/metrics", get(metrics))
+        .route("/models", get(models))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(d)
@@ -81,17 +89,26 @@ pub const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_se
 /// returns the bound address (port 0 picks one). Connections are limited in number
 /// ([`MAX_CONNECTIONS`]), header time ([`HEADER_READ_TIMEOUT`]) and age ([`MAX_CONNECTION_AGE`]).
 pub async fn spawn_server(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    spawn_server_with(addr, m, None).await
+}
+
+/// [`spawn_server`], with the model lineup at `/models` and on the dashboard.
+pub async fn spawn_server_with(
+    addr: SocketAddr,
+    m: Arc<Metrics>,
+    models: Option<ModelsReport>,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let d = Arc::new(Dashboard::new(m));
+    let d = Arc::new(Dashboard::with_models(m, models));
     spawn_sampler(d.clone());
     tokio::spawn(serve(listener, router(d)));
-    tracing::info!(%bound, "serving the dashboard (/), /metrics, /healthz, /readyz");
+    tracing::info!(%bound, "serving the dashboard (/), /metrics, /models, /healthz, /readyz");
     Ok(bound)
 }
 
 /// The accept loop: one task per connection, each holding a permit of the connection limit.
-async fn serve(listener: tokio::net::TcpListener, app: Router) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, app: Router) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {

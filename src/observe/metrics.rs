@@ -68,6 +68,16 @@ pub struct Metrics {
     pub labels_unmatched: IntCounter,
     /// Joined labels by model version and outcome (true/false positive/negative).
     pub label_outcomes: IntCounterVec,
+    /// The challenger's labelled decisions by its version and outcome.
+    pub challenger_label_outcomes: IntCounterVec,
+    /// Per model (role, version) precision over windows 5m, 1h, 1d.
+    pub model_precision: GaugeVec,
+    /// Per model recall.
+    pub model_recall: GaugeVec,
+    /// Per model F1.
+    pub model_f1: GaugeVec,
+    /// Model loads into a running detector by role and result.
+    pub model_reloads: IntCounterVec,
     /// From the decision to its label's arrival.
     pub label_delay_seconds: Histogram,
     /// Precision of labelled decisions over a sliding window (5m, 1h).
@@ -246,7 +256,7 @@ impl Metrics {
             )?)?,
             model_info: r.add(GaugeVec::new(
                 vec("fraudstream_model_info", "The model in use (value is always 1)"),
-                &["name", "version", "threshold"],
+                &["name", "version", "threshold", "role"],
             )?)?,
             ready: r.add(Gauge::new(
                 "fraudstream_ready",
@@ -273,6 +283,41 @@ impl Metrics {
                     "Labelled decisions by model version and outcome",
                 ),
                 &["model_version", "outcome"],
+            )?)?,
+            challenger_label_outcomes: r.add(IntCounterVec::new(
+                vec(
+                    "fraudstream_challenger_label_outcomes_total",
+                    "Labelled decisions the shadow challenger would have made, by its version and outcome",
+                ),
+                &["model_version", "outcome"],
+            )?)?,
+            model_precision: r.add(GaugeVec::new(
+                vec(
+                    "fraudstream_model_precision",
+                    "Precision of each model's labelled decisions over a sliding window, champion and challenger (NaN: no labelled alert)",
+                ),
+                &["role", "model_version", "window"],
+            )?)?,
+            model_recall: r.add(GaugeVec::new(
+                vec(
+                    "fraudstream_model_recall",
+                    "Recall of each model over a sliding window (NaN: no labelled fraud)",
+                ),
+                &["role", "model_version", "window"],
+            )?)?,
+            model_f1: r.add(GaugeVec::new(
+                vec(
+                    "fraudstream_model_f1",
+                    "F1 of each model over a sliding window",
+                ),
+                &["role", "model_version", "window"],
+            )?)?,
+            model_reloads: r.add(IntCounterVec::new(
+                vec(
+                    "fraudstream_model_reloads_total",
+                    "Model loads into a running detector (swap, challenger, promotion), by role and result (loaded, refused)",
+                ),
+                &["role", "result"],
             )?)?,
             label_delay_seconds: r.add(histogram(
                 "fraudstream_label_delay_seconds",

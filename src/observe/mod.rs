@@ -8,9 +8,10 @@ pub mod metrics;
 pub mod quality;
 
 pub use dashboard::Dashboard;
-pub use http::{router, spawn_server};
+pub use dashboard::ModelsReport;
+pub use http::{router, spawn_server, spawn_server_with};
 pub use metrics::Metrics;
-pub use quality::{Joined, LiveQuality, QualitySettings};
+pub use quality::{Joined, LiveQuality, QualitySettings, Role, Verdicts};
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

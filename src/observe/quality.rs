@@ -9,7 +9,7 @@
 //! labelled data) join immediately. All methods take `now_ms`, so tests drive the clock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::metrics::{Metrics, WINDOWS};
 use crate::schema::{Confusion, Label, LabelOutcome};
@@ -61,8 +61,113 @@ pub enum Joined {
     Unmatched,
 }
 
+/// Which model made a decision: its version, and whether it alerted (or would have).
+pub type Verdict = (Arc<str>, bool);
+
+/// The decisions made for one transaction: the champion's (which alerted or not) and the
+/// shadow challenger's, when one scored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdicts {
+    /// The champion's version and decision.
+    pub champion: Verdict,
+    /// The challenger's version and decision.
+    pub challenger: Option<Verdict>,
+}
+
+impl Verdicts {
+    /// A champion's decision only.
+    pub fn champion(version: &str, alerted: bool) -> Self {
+        Verdicts {
+            champion: (version.into(), alerted),
+            challenger: None,
+        }
+    }
+}
+
+/// The role a model plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Its scores alert.
+    Champion,
+    /// Scored in the shadow.
+    Challenger,
+}
+
+impl Role {
+    /// As metrics and JSON name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Champion => "champion",
+            Role::Challenger => "challenger",
+        }
+    }
+}
+
+/// Sliding counts for one model: 10-second buckets over the last hour, hourly ones over the
+/// last day.
+struct ModelWindows {
+    fine: Vec<(i64, Confusion)>,
+    coarse: Vec<(i64, Confusion)>,
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const HOURS: usize = 25;
+
+impl ModelWindows {
+    fn new() -> Self {
+        ModelWindows {
+            fine: vec![(i64::MIN, Confusion::default()); BUCKETS],
+            coarse: vec![(i64::MIN, Confusion::default()); HOURS],
+        }
+    }
+
+    fn add(&mut self, o: LabelOutcome, now_ms: i64) {
+        add_to(&mut self.fine, BUCKET_MS, o, now_ms);
+        add_to(&mut self.coarse, HOUR_MS, o, now_ms);
+    }
+
+    /// Outcomes in the last `window_ms`: to the 10 s bucket up to an hour, to the hour beyond.
+    fn window(&self, window_ms: i64, now_ms: i64) -> Confusion {
+        if window_ms <= HOUR_MS {
+            sum_buckets(&self.fine, BUCKET_MS, window_ms, now_ms)
+        } else {
+            sum_buckets(&self.coarse, HOUR_MS, window_ms, now_ms)
+        }
+    }
+}
+
+fn add_to(buckets: &mut [(i64, Confusion)], bucket_ms: i64, o: LabelOutcome, now_ms: i64) {
+    let b = now_ms.div_euclid(bucket_ms);
+    let slot = &mut buckets[b.rem_euclid(buckets.len() as i64) as usize];
+    if slot.0 != b {
+        *slot = (b, Confusion::default());
+    }
+    slot.1.add(o);
+}
+
+fn sum_buckets(
+    buckets: &[(i64, Confusion)],
+    bucket_ms: i64,
+    window_ms: i64,
+    now_ms: i64,
+) -> Confusion {
+    let now_b = now_ms.div_euclid(bucket_ms);
+    let first = now_b - (window_ms / bucket_ms).max(1) + 1;
+    let mut c = Confusion::default();
+    for (b, counts) in buckets {
+        if *b >= first && *b <= now_b {
+            c.merge(counts);
+        }
+    }
+    c
+}
+
+/// The per-model windows: 5 minutes, an hour, a day.
+pub const MODEL_WINDOWS: [(&str, i64); 3] =
+    [("5m", 5 * 60_000), ("1h", HOUR_MS), ("1d", 24 * HOUR_MS)];
+
 struct Memo {
-    alerted: bool,
+    verdicts: Verdicts,
     scored_ms: i64,
 }
 
@@ -74,6 +179,8 @@ struct Inner {
     buckets: Vec<(i64, Confusion)>,
     /// Labels that came before their scores: id -> (is fraud, arrival).
     early: HashMap<String, (bool, i64)>,
+    /// Outcomes per model version and role, for side-by-side comparison.
+    models: std::collections::BTreeMap<(Role, Arc<str>), ModelWindows>,
     /// Early labels' ids, oldest first.
     early_order: VecDeque<(i64, String)>,
 }
@@ -81,7 +188,6 @@ struct Inner {
 /// Remembered scores and the label join; updates the quality metrics on [`Metrics`].
 pub struct LiveQuality {
     settings: QualitySettings,
-    model_version: String,
     inner: Mutex<Inner>,
 }
 
@@ -89,23 +195,22 @@ impl std::fmt::Debug for LiveQuality {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveQuality")
             .field("settings", &self.settings)
-            .field("model_version", &self.model_version)
             .finish_non_exhaustive()
     }
 }
 
 impl LiveQuality {
-    /// Empty memory for decisions of `model_version`.
-    pub fn new(settings: QualitySettings, model_version: &str) -> Self {
+    /// Empty memory.
+    pub fn new(settings: QualitySettings) -> Self {
         LiveQuality {
             settings,
-            model_version: model_version.to_string(),
             inner: Mutex::new(Inner {
                 scores: HashMap::new(),
                 order: VecDeque::new(),
                 buckets: vec![(i64::MIN, Confusion::default()); BUCKETS],
                 early: HashMap::new(),
                 early_order: VecDeque::new(),
+                models: Default::default(),
             }),
         }
     }
@@ -116,7 +221,7 @@ impl LiveQuality {
 
     /// Remembers a decision until its label arrives (or it expires); joins it at once to a label
     /// that came first.
-    pub fn remember(&self, transaction_id: &str, alerted: bool, now_ms: i64, m: &Metrics) {
+    pub fn remember(&self, transaction_id: &str, verdicts: Verdicts, now_ms: i64, m: &Metrics) {
         if self.settings.max_scores == 0 {
             return;
         }
@@ -124,7 +229,7 @@ impl LiveQuality {
         if let Some((is_fraud, _)) = g.early.remove(transaction_id) {
             drop(g);
             m.label_delay_seconds.observe(0.0);
-            self.count(alerted, is_fraud, now_ms, m);
+            self.count(&verdicts, is_fraud, now_ms, m);
             return;
         }
         // One allocation shared by the map and the expiry queue.
@@ -132,7 +237,7 @@ impl LiveQuality {
         g.scores.insert(
             id.clone(),
             Memo {
-                alerted,
+                verdicts,
                 scored_ms: now_ms,
             },
         );
@@ -153,7 +258,7 @@ impl LiveQuality {
                 drop(g);
                 let delay = (now_ms - memo.scored_ms).max(0) as f64 / 1000.0;
                 m.label_delay_seconds.observe(delay);
-                Joined::Matched(self.count(memo.alerted, label.is_fraud, now_ms, m))
+                Joined::Matched(self.count(&memo.verdicts, label.is_fraud, now_ms, m))
             }
             Some(_) => {
                 m.labels_unmatched.inc();
@@ -178,39 +283,64 @@ impl LiveQuality {
     }
 
     /// Counts a label that came inside the transaction itself.
-    pub fn inline(&self, alerted: bool, is_fraud: bool, now_ms: i64, m: &Metrics) -> LabelOutcome {
+    pub fn inline(
+        &self,
+        verdicts: &Verdicts,
+        is_fraud: bool,
+        now_ms: i64,
+        m: &Metrics,
+    ) -> LabelOutcome {
         m.labels.with_label_values(&["inline"]).inc();
         m.label_delay_seconds.observe(0.0);
-        self.count(alerted, is_fraud, now_ms, m)
+        self.count(verdicts, is_fraud, now_ms, m)
     }
 
-    fn count(&self, alerted: bool, is_fraud: bool, now_ms: i64, m: &Metrics) -> LabelOutcome {
-        let o = LabelOutcome::of(alerted, is_fraud);
+    /// Counts a label against the champion's decision (the one that alerted or not) and the
+    /// challenger's; returns the champion's outcome.
+    fn count(&self, v: &Verdicts, is_fraud: bool, now_ms: i64, m: &Metrics) -> LabelOutcome {
+        let (version, alerted) = &v.champion;
+        let o = LabelOutcome::of(*alerted, is_fraud);
         m.label_outcomes
-            .with_label_values(&[self.model_version.as_str(), o.as_str()])
+            .with_label_values(&[version, o.as_str()])
             .inc();
-        let b = now_ms.div_euclid(BUCKET_MS);
         let mut g = self.lock();
-        let slot = &mut g.buckets[b.rem_euclid(BUCKETS as i64) as usize];
-        if slot.0 != b {
-            *slot = (b, Confusion::default());
+        add_to(&mut g.buckets, BUCKET_MS, o, now_ms);
+        g.models
+            .entry((Role::Champion, version.clone()))
+            .or_insert_with(ModelWindows::new)
+            .add(o, now_ms);
+        if let Some((version, alerted)) = &v.challenger {
+            let c = LabelOutcome::of(*alerted, is_fraud);
+            m.challenger_label_outcomes
+                .with_label_values(&[version, c.as_str()])
+                .inc();
+            g.models
+                .entry((Role::Challenger, version.clone()))
+                .or_insert_with(ModelWindows::new)
+                .add(c, now_ms);
         }
-        slot.1.add(o);
         o
+    }
+
+    /// The outcomes of labels joined in the last `window_ms` for one model (to the 10 s bucket
+    /// up to an hour, to the hour beyond, up to a day).
+    pub fn model_window(
+        &self,
+        role: Role,
+        version: &str,
+        window_ms: i64,
+        now_ms: i64,
+    ) -> Confusion {
+        let g = self.lock();
+        g.models
+            .get(&(role, Arc::from(version)))
+            .map(|w| w.window(window_ms, now_ms))
+            .unwrap_or_default()
     }
 
     /// The outcomes of labels joined in the last `window_ms` (to the bucket).
     pub fn window(&self, window_ms: i64, now_ms: i64) -> Confusion {
-        let now_b = now_ms.div_euclid(BUCKET_MS);
-        let first = now_b - window_ms / BUCKET_MS + 1;
-        let g = self.lock();
-        let mut c = Confusion::default();
-        for (b, counts) in &g.buckets {
-            if *b >= first && *b <= now_b {
-                c.merge(counts);
-            }
-        }
-        c
+        sum_buckets(&self.lock().buckets, BUCKET_MS, window_ms, now_ms)
     }
 
     /// Forgets expired scores and sets the sliding-window gauges (called every second).
@@ -235,6 +365,7 @@ impl LiveQuality {
                 }
             }
         }
+        self.refresh_models(now_ms, m);
         for (name, ms) in WINDOWS {
             let c = self.window(ms, now_ms);
             m.live_precision
@@ -247,6 +378,33 @@ impl LiveQuality {
                 .with_label_values(&[name])
                 .set(c.f1().unwrap_or(f64::NAN));
         }
+    }
+
+    /// Sets the per-model gauges; a model with no label in the last day leaves them.
+    fn refresh_models(&self, now_ms: i64, m: &Metrics) {
+        let mut g = self.lock();
+        let day = MODEL_WINDOWS[2].1;
+        g.models.retain(|(role, version), w| {
+            let keep = w.window(day, now_ms) != Confusion::default();
+            for (name, ms) in MODEL_WINDOWS {
+                let labels = [role.as_str(), &**version, name];
+                let c = w.window(ms, now_ms);
+                for (gauge, value) in [
+                    (&m.model_precision, c.precision()),
+                    (&m.model_recall, c.recall()),
+                    (&m.model_f1, c.f1()),
+                ] {
+                    if keep {
+                        gauge
+                            .with_label_values(&labels)
+                            .set(value.unwrap_or(f64::NAN));
+                    } else {
+                        let _ = gauge.remove_label_values(&labels);
+                    }
+                }
+            }
+            keep
+        });
     }
 
     /// Whether scores are remembered at all (a labels topic is read).
@@ -288,6 +446,10 @@ mod tests {
         Metrics::new(prometheus::Registry::new()).unwrap()
     }
 
+    fn v(alerted: bool) -> Verdicts {
+        Verdicts::champion("v1", alerted)
+    }
+
     fn label(id: &str, is_fraud: bool) -> Label {
         Label {
             transaction_id: id.into(),
@@ -300,10 +462,10 @@ mod tests {
     #[test]
     fn labels_join_their_scores_once() {
         let m = metrics();
-        let q = LiveQuality::new(QualitySettings::default(), "v1");
-        q.remember("a", true, 0, &m);
-        q.remember("b", false, 0, &m);
-        q.remember("c", true, 0, &m);
+        let q = LiveQuality::new(QualitySettings::default());
+        q.remember("a", v(true), 0, &m);
+        q.remember("b", v(false), 0, &m);
+        q.remember("c", v(true), 0, &m);
         assert_eq!(
             q.label(&label("a", true), 5_000, &m),
             Joined::Matched(LabelOutcome::TruePositive)
@@ -340,9 +502,9 @@ mod tests {
     #[test]
     fn a_label_that_comes_before_its_score_waits_for_it() {
         let m = metrics();
-        let q = LiveQuality::new(QualitySettings::default(), "v1");
+        let q = LiveQuality::new(QualitySettings::default());
         assert_eq!(q.label(&label("early", true), 1_000, &m), Joined::Waiting);
-        q.remember("early", true, 1_500, &m);
+        q.remember("early", v(true), 1_500, &m);
         assert_eq!(q.remembered(), 0, "joined, not remembered");
         q.refresh(200_000, &m);
         assert_eq!(m.labels_unmatched.get(), 0);
@@ -352,11 +514,11 @@ mod tests {
     #[test]
     fn windows_slide_with_the_clock() {
         let m = metrics();
-        let q = LiveQuality::new(QualitySettings::default(), "v1");
+        let q = LiveQuality::new(QualitySettings::default());
         // Two true positives at t = 0, a false positive at 10 minutes.
-        q.inline(true, true, 0, &m);
-        q.inline(true, true, 1_000, &m);
-        q.inline(true, false, 600_000, &m);
+        q.inline(&v(true), true, 0, &m);
+        q.inline(&v(true), true, 1_000, &m);
+        q.inline(&v(true), false, 600_000, &m);
         q.refresh(600_000, &m);
         assert_eq!(m.live_precision.with_label_values(&["5m"]).get(), 0.0);
         assert!((m.live_precision.with_label_values(&["1h"]).get() - 2.0 / 3.0).abs() < 1e-12);
@@ -377,15 +539,15 @@ mod tests {
             ttl_ms: 60_000,
             label_wait_ms: 1_000,
         };
-        let q = LiveQuality::new(settings, "v1");
+        let q = LiveQuality::new(settings);
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            q.remember(id, false, i as i64, &m);
+            q.remember(id, v(false), i as i64, &m);
         }
         assert_eq!(q.remembered(), 3);
         // "a" was forgotten for the cap: its label waits, then counts as unmatched.
         assert_eq!(q.label(&label("a", false), 10, &m), Joined::Waiting);
         // A re-scored id keeps its newer score when its older entry is dropped.
-        q.remember("b", true, 30_000, &m);
+        q.remember("b", v(true), 30_000, &m);
         q.refresh(61_000, &m);
         assert_eq!(q.remembered(), 1);
         assert_eq!(m.remembered_scores.get(), 1);
@@ -394,18 +556,56 @@ mod tests {
             Joined::Matched(LabelOutcome::TruePositive)
         );
         // Expired between sweeps: too old to match.
-        q.remember("e", true, 100_000, &m);
+        q.remember("e", v(true), 100_000, &m);
         assert_eq!(q.label(&label("e", true), 200_000, &m), Joined::Unmatched);
-        let off = LiveQuality::new(
-            QualitySettings {
-                max_scores: 0,
-                ttl_ms: 1,
-                label_wait_ms: 1,
-            },
-            "v1",
-        );
-        off.remember("a", true, 0, &m);
+        let off = LiveQuality::new(QualitySettings {
+            max_scores: 0,
+            ttl_ms: 1,
+            label_wait_ms: 1,
+        });
+        off.remember("a", v(true), 0, &m);
         assert_eq!(off.remembered(), 0);
         assert_eq!(off.label(&label("a", true), 0, &m), Joined::Unmatched);
+    }
+
+    #[test]
+    fn champion_and_challenger_are_counted_apart_per_version() {
+        let m = metrics();
+        let q = LiveQuality::new(QualitySettings::default());
+        let both = |champion: bool, challenger: bool| Verdicts {
+            champion: ("v1".into(), champion),
+            challenger: Some(("v2".into(), challenger)),
+        };
+        // Fraud caught by the challenger only; a false alarm of the champion only; then a
+        // fraud both catch (remembered, joined by a label later).
+        q.inline(&both(false, true), true, 0, &m);
+        q.inline(&both(true, false), false, 1_000, &m);
+        q.remember("t", both(true, true), 2_000, &m);
+        q.label(&label("t", true), 3_000, &m);
+        let champion = q.model_window(Role::Champion, "v1", 3_600_000, 3_000);
+        let challenger = q.model_window(Role::Challenger, "v2", 3_600_000, 3_000);
+        assert_eq!((champion.tp, champion.fp, champion.fn_), (1, 1, 1));
+        assert_eq!((challenger.tp, challenger.fp, challenger.fn_), (2, 0, 0));
+        let outcome =
+            |c: &prometheus::IntCounterVec, v: &str, o: &str| c.with_label_values(&[v, o]).get();
+        assert_eq!(outcome(&m.label_outcomes, "v1", "false_positive"), 1);
+        assert_eq!(
+            outcome(&m.challenger_label_outcomes, "v2", "true_positive"),
+            2
+        );
+        q.refresh(3_000, &m);
+        let gauge = |g: &prometheus::GaugeVec, role: &str, v: &str, w: &str| {
+            g.with_label_values(&[role, v, w]).get()
+        };
+        assert_eq!(gauge(&m.model_recall, "challenger", "v2", "1h"), 1.0);
+        assert_eq!(gauge(&m.model_precision, "champion", "v1", "1d"), 0.5);
+        // The champion-wide gauges are unchanged in meaning: the champion's decisions.
+        assert_eq!(m.live_precision.with_label_values(&["1h"]).get(), 0.5);
+        // A day later without labels, the per-model series leave /metrics.
+        q.refresh(3_000 + 25 * 3_600_000, &m);
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&m.registry.gather())
+            .unwrap();
+        assert!(!text.contains("fraudstream_model_f1{"), "{text}");
     }
 }

@@ -163,11 +163,12 @@ pub fn write_comparison(dir: &Path, input: &CompareInput) -> Result<PathBuf, Rep
         .collect();
     let s = input.models[0].summary;
     let prevalence = s.frauds as f64 / s.transactions.max(1) as f64;
-    plots::pr_curves(&dir.join("pr_compare.png"), &curves, prevalence)
-        .map_err(|message| ReportError::Plot {
+    plots::pr_curves(&dir.join("pr_compare.png"), &curves, prevalence).map_err(|message| {
+        ReportError::Plot {
             name: "pr_compare",
             message,
-        })?;
+        }
+    })?;
     let d = input.difference;
     let mut h = String::new();
     let _ = write!(
@@ -209,7 +210,8 @@ th{{background:#f4f4f4}}img{{max-width:720px;margin:6px;border:1px solid #eee}}c
         a.manifest.version.clone(),
         b.manifest.version.clone(),
     );
-    let fields: [(&str, fn(&Summary) -> f64); 8] = [
+    type Field = (&'static str, fn(&Summary) -> f64);
+    let fields: [Field; 8] = [
         ("threshold", |s| s.threshold),
         ("average precision", |s| s.average_precision),
         ("ROC AUC", |s| s.roc_auc),

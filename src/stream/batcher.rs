@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::detector::{Ingest, Ingested};
-use super::scorer::{Outcome, Scorer, score_batch};
+use super::lineup::Models;
+use super::scorer::{Outcome, score_batch};
 use crate::observe::Metrics;
 
 /// When a batch is flushed, and how much may wait.
@@ -56,7 +57,7 @@ impl Default for BatchSettings {
 /// on the blocking pool, and forwards every item in order. Ends when `rx` closes and all is
 /// flushed.
 pub async fn score_loop(
-    scorer: Scorer,
+    models: Arc<Models>,
     metrics: Arc<Metrics>,
     settings: BatchSettings,
     mut rx: mpsc::Receiver<Ingested>,
@@ -94,9 +95,10 @@ pub async fn score_loop(
                 }
             }
         }
-        let scorer = scorer.clone();
+        // The lineup is read once per batch: a model swapped in meanwhile scores the next one.
+        let lineup = models.current();
         let began = Instant::now();
-        let outcomes = tokio::task::spawn_blocking(move || score_batch(&scorer, items))
+        let outcomes = tokio::task::spawn_blocking(move || score_batch(&lineup, items))
             .await
             .expect("scoring thread panicked");
         metrics.batch(windows, began.elapsed());
@@ -113,16 +115,29 @@ mod tests {
     use super::*;
     use crate::model::{FastModel, ModelConfig, init, weights};
     use crate::stream::explain::Explainer;
-    use crate::stream::records::Origin;
+    use crate::stream::lineup::{Lineup, Scorer};
+    use crate::stream::records::{ModelRef, Origin};
 
-    fn scorer() -> Scorer {
+    fn scorer() -> Arc<Models> {
         let cfg = ModelConfig::notebook(3, 4);
         let (_, varmap) = init(&cfg, 1, &candle_core::Device::Cpu).unwrap();
-        Scorer {
+        let champion = Scorer {
             model: Arc::new(FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap()),
             threshold: 0.5,
             explainer: Arc::new(Explainer::new(vec![], vec![])),
-        }
+            model_ref: ModelRef {
+                name: "test".into(),
+                version: "v1".into(),
+                sha256: String::new(),
+            },
+            version: "v1".into(),
+            adapt: None,
+            dir: None,
+        };
+        Arc::new(Models::new(Lineup {
+            champion,
+            challenger: None,
+        }))
     }
 
     fn item(offset: i64) -> Ingested {

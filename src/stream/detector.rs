@@ -8,14 +8,14 @@ use serde_json::Value;
 
 use super::explain::{Explainer, Reason};
 use super::ids::RecentIds;
+use super::lineup::{Lineup, Models, Scorer};
 use super::records::{
-    Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, now_rfc3339,
-    time_rfc3339,
+    Alert, AttentionRef, DeadLetter, Envelope, Origin, ScoreRecord, now_rfc3339, time_rfc3339,
 };
 use super::watermark::{TimeLimits, Watermarks};
 use crate::features::{CardStore, StateLimits, wall_clock};
 use crate::model::{Bundle, FastModel};
-use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings};
+use crate::observe::{Joined, LiveQuality, Metrics, QualitySettings, Role, Verdicts};
 use crate::schema::{FeatureSpec, Transaction};
 use crate::state;
 
@@ -136,6 +136,31 @@ pub struct Decision {
     pub attention: Vec<f32>,
     /// For an alert: the features that made it suspicious.
     pub reasons: Vec<Reason>,
+    /// The models that scored it: the champion made `score`, the challenger (if any)
+    /// `challenger_score`.
+    pub lineup: Arc<Lineup>,
+    /// The shadow challenger's score.
+    pub challenger_score: Option<f32>,
+}
+
+impl Decision {
+    /// Whether the champion's score alerts.
+    pub fn alerts(&self) -> bool {
+        f64::from(self.score) >= self.lineup.champion.threshold
+    }
+
+    /// What each model decided, for live quality.
+    pub fn verdicts(&self) -> Verdicts {
+        Verdicts {
+            champion: (self.lineup.champion.version.clone(), self.alerts()),
+            challenger: self
+                .lineup
+                .challenger
+                .as_ref()
+                .zip(self.challenger_score)
+                .map(|(c, score)| (c.version.clone(), f64::from(score) >= c.threshold)),
+        }
+    }
 }
 
 /// Card state plus model: everything needed to go from a message to a decision, and the live
@@ -144,10 +169,10 @@ pub struct Decision {
 pub struct Detector {
     spec: FeatureSpec,
     store: CardStore,
-    model: Arc<FastModel>,
-    explainer: Arc<Explainer>,
-    threshold: f64,
-    model_ref: ModelRef,
+    /// The models scoring now (champion and challenger), replaced between batches.
+    models: Arc<Models>,
+    /// One model change at a time.
+    swapping: std::sync::Mutex<()>,
     settings: DetectorSettings,
     metrics: Arc<Metrics>,
     quality: LiveQuality,
@@ -167,27 +192,21 @@ impl Detector {
     /// A detector for a loaded bundle.
     pub fn new(bundle: &Bundle, settings: DetectorSettings, metrics: Arc<Metrics>) -> Self {
         let m = &bundle.manifest;
-        metrics
-            .model_info
-            .with_label_values(&[&m.name, &m.version, &m.threshold.value.to_string()])
-            .set(1.0);
+        let builder = bundle.window_builder();
+        let champion =
+            Scorer::for_bundle(bundle, &builder, None).expect("a bundle reads its own windows");
+        model_info(&metrics, &champion, Role::Champion, 1.0);
         Detector {
             spec: m.spec.clone(),
-            store: CardStore::with_limits(bundle.window_builder(), settings.limits, wall_clock()),
-            model: Arc::new(bundle.fast.clone()),
-            explainer: Arc::new(Explainer::new(
-                m.spec.feature_names(),
-                m.scaler.center.clone(),
-            )),
-            threshold: m.threshold.value,
-            model_ref: ModelRef {
-                name: m.name.clone(),
-                version: m.version.clone(),
-                sha256: m.weights_sha256.clone(),
-            },
+            store: CardStore::with_limits(builder, settings.limits, wall_clock()),
+            models: Arc::new(Models::new(Lineup {
+                champion,
+                challenger: None,
+            })),
+            swapping: std::sync::Mutex::default(),
             settings,
             metrics,
-            quality: LiveQuality::new(settings.quality, &m.version),
+            quality: LiveQuality::new(settings.quality),
             recent_ids: RecentIds::default(),
             watermarks: Watermarks::new(settings.time),
             recipe: bundle.window_builder().fingerprint(),
@@ -206,19 +225,121 @@ impl Detector {
         &self.quality
     }
 
-    /// The scoring network (shared with the scorer thread, not copied).
+    /// The champion's network (shared with the scorer thread, not copied).
     pub fn model(&self) -> Arc<FastModel> {
-        self.model.clone()
+        self.models.current().champion.model.clone()
     }
 
-    /// How alerts are explained.
+    /// How the champion's alerts are explained.
     pub fn explainer(&self) -> Arc<Explainer> {
-        self.explainer.clone()
+        self.models.current().champion.explainer.clone()
     }
 
-    /// The alert threshold.
+    /// The champion's alert threshold.
     pub fn threshold(&self) -> f64 {
-        self.threshold
+        self.models.current().champion.threshold
+    }
+
+    /// The models scoring now; the scoring loop reads the lineup once per batch.
+    pub fn models(&self) -> &Arc<Models> {
+        &self.models
+    }
+
+    /// Puts a bundle in a role while the detector runs: `bundle` None removes the challenger.
+    /// The bundle must read the cards' windows (same features, a window no longer than the
+    /// store's; another scaler is fine: windows are re-scaled for it). The next batch scores
+    /// with it; card state is kept. A bundle that cannot is refused, counted and the lineup
+    /// left as it was. Returns the new lineup.
+    pub fn install(
+        &self,
+        role: Role,
+        bundle: Option<(&Bundle, Option<std::path::PathBuf>)>,
+    ) -> Result<Arc<Lineup>, String> {
+        let _one = self.swapping.lock().expect("swap lock");
+        let scorer = match bundle {
+            Some((b, dir)) => match Scorer::for_bundle(b, self.store.builder(), dir) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.refuse(role, &e);
+                    return Err(e);
+                }
+            },
+            None if role == Role::Champion => {
+                return Err("the champion cannot be removed, only replaced".into());
+            }
+            None => None,
+        };
+        let mut lineup = (*self.models.current()).clone();
+        match role {
+            Role::Champion => lineup.champion = scorer.expect("a champion"),
+            Role::Challenger => lineup.challenger = scorer,
+        }
+        Ok(self.put(lineup, role))
+    }
+
+    /// The challenger becomes the champion (and there is no challenger any more).
+    pub fn promote(&self) -> Result<Arc<Lineup>, String> {
+        let _one = self.swapping.lock().expect("swap lock");
+        let mut lineup = (*self.models.current()).clone();
+        let Some(challenger) = lineup.challenger.take() else {
+            let e = "no challenger to promote".to_string();
+            self.refuse(Role::Champion, &e);
+            return Err(e);
+        };
+        lineup.champion = challenger;
+        Ok(self.put(lineup, Role::Champion))
+    }
+
+    /// Logs and counts a bundle that was not put in `role` (the running lineup stays).
+    pub fn refuse(&self, role: Role, reason: &str) {
+        tracing::error!(
+            role = role.as_str(),
+            "model refused, the running one keeps scoring: {reason}"
+        );
+        self.metrics
+            .model_reloads
+            .with_label_values(&[role.as_str(), "refused"])
+            .inc();
+    }
+
+    fn put(&self, lineup: Lineup, role: Role) -> Arc<Lineup> {
+        let old = self.models.replace(lineup);
+        let new = self.models.current();
+        for (r, before, after) in [
+            (Role::Champion, Some(&old.champion), Some(&new.champion)),
+            (
+                Role::Challenger,
+                old.challenger.as_ref(),
+                new.challenger.as_ref(),
+            ),
+        ] {
+            if let Some(b) = before {
+                model_info(&self.metrics, b, r, f64::NAN);
+            }
+            if let Some(a) = after {
+                model_info(&self.metrics, a, r, 1.0);
+            }
+        }
+        self.metrics
+            .model_reloads
+            .with_label_values(&[role.as_str(), "loaded"])
+            .inc();
+        let s = match role {
+            Role::Champion => Some(&new.champion),
+            Role::Challenger => new.challenger.as_ref(),
+        };
+        match s {
+            Some(s) => tracing::info!(
+                role = role.as_str(),
+                model = %s.model_ref.name,
+                version = %s.model_ref.version,
+                threshold = s.threshold,
+                rescaled = s.adapt.is_some(),
+                "model in place: the next batch scores with it, card state kept"
+            ),
+            None => tracing::info!(role = role.as_str(), "challenger removed"),
+        }
+        new
     }
 
     /// The settings it runs with.
@@ -352,6 +473,12 @@ impl Detector {
             }
             Err(e) => return dead("invalid_json", None, format!("invalid JSON: {e}")),
         };
+        let card = self.spec.key.as_deref().and_then(|k| map.get(k));
+        let dead =
+            |reason: &str, field: Option<&str>, error: String| match dead(reason, field, error) {
+                Ingest::Invalid(d) => Ingest::Invalid(Box::new(d.with_card(card))),
+                other => other,
+            };
         let tx = match self.spec.parse(&map) {
             Ok(tx) => tx,
             Err(e) => return dead(e.reason(), Some(e.field()), e.to_string()),
@@ -446,7 +573,7 @@ impl Detector {
 
     /// Whether a decision alerts.
     pub fn alerts(&self, d: &Decision) -> bool {
-        f64::from(d.score) >= self.threshold
+        d.alerts()
     }
 
     /// The alert for a decision (whether or not it reaches the threshold).
@@ -455,6 +582,8 @@ impl Detector {
         let mut order: Vec<usize> = (0..d.attention.len()).collect();
         order.sort_by(|&a, &b| d.attention[b].total_cmp(&d.attention[a]).then(b.cmp(&a)));
         let last = d.attention.len().saturating_sub(1);
+        // A champion with a shorter window than the store's attends to its last rows.
+        let skip = p.window_ids.len().saturating_sub(d.attention.len());
         let top_attention = order
             .into_iter()
             .take(TOP_ATTENTION)
@@ -464,7 +593,7 @@ impl Detector {
                 weight: d.attention[i],
                 transaction_id: p
                     .window_ids
-                    .get(i)
+                    .get(skip + i)
                     .cloned()
                     .flatten()
                     .map(|id| id.to_string()),
@@ -475,8 +604,8 @@ impl Detector {
             card_id: p.card_id.clone(),
             event_time: time_rfc3339(p.ts),
             score: d.score,
-            threshold: self.threshold,
-            model: self.model_ref.clone(),
+            threshold: d.lineup.champion.threshold,
+            model: d.lineup.champion.model_ref.clone(),
             window_length: p.len,
             top_attention,
             reasons: d.reasons.clone(),
@@ -494,9 +623,42 @@ impl Detector {
             event_time: time_rfc3339(p.ts),
             score: d.score,
             alert: self.alerts(d),
-            model_version: self.model_ref.version.clone(),
+            model_version: d.lineup.champion.model_ref.version.clone(),
+            role: Role::Champion.as_str().into(),
             source: origin.clone(),
         }
+    }
+
+    /// The challenger's score record for a decision (tagged `challenger`; it never alerts:
+    /// `alert` says whether it would have).
+    pub fn challenger_record(&self, d: &Decision, origin: &Origin) -> Option<ScoreRecord> {
+        let (c, score) = d.lineup.challenger.as_ref().zip(d.challenger_score)?;
+        let p = &d.pending;
+        Some(ScoreRecord {
+            transaction_id: p.transaction_id.clone(),
+            card_id: p.card_id.clone(),
+            event_time: time_rfc3339(p.ts),
+            score,
+            alert: f64::from(score) >= c.threshold,
+            model_version: c.model_ref.version.clone(),
+            role: Role::Challenger.as_str().into(),
+            source: origin.clone(),
+        })
+    }
+}
+
+/// Marks a model in `fraudstream_model_info` (1: in use; NaN: removes its series).
+fn model_info(m: &Metrics, s: &Scorer, role: Role, value: f64) {
+    let labels = [
+        s.model_ref.name.as_str(),
+        s.model_ref.version.as_str(),
+        &s.threshold.to_string(),
+        role.as_str(),
+    ];
+    if value.is_nan() {
+        let _ = m.model_info.remove_label_values(&labels);
+    } else {
+        m.model_info.with_label_values(&labels).set(value);
     }
 }
 

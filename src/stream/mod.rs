@@ -17,7 +17,9 @@ pub mod explain;
 pub mod file;
 mod ids;
 pub mod kafka;
+pub mod lineup;
 mod records;
+pub mod rollout;
 pub mod scorer;
 pub mod settle;
 mod stats;
@@ -37,11 +39,12 @@ pub use detector::{
     DetectorSettings, Ingest, Ingested, LabelUse, Pending, TOP_ATTENTION, spawn_evictor,
 };
 pub use ids::{DEDUPE_HORIZON, RecentIds};
+pub use lineup::{Adapt, Lineup, Models, Scorer};
 pub use records::{
     Alert, AttentionRef, DeadLetter, Envelope, ModelRef, Origin, ScoreRecord, TRANSPORT_REASONS,
     dead_letter_reasons,
 };
-pub use scorer::{Decided, Outcome, Scorer, score_batch};
+pub use scorer::{Decided, Outcome, score_batch};
 pub use settle::{Event, Settled, settle};
 pub use stats::{Run, RunStats, latency};
 pub use watermark::{
@@ -141,16 +144,11 @@ pub async fn run<S: Source, K: Sink>(
     let (in_tx, in_rx) = mpsc::channel(batch.queue);
     let (out_tx, out_rx) = mpsc::channel::<Outcome>(batch.queue);
     let (ack_tx, ack_rx) = mpsc::channel::<Handover>(batch.queue);
-    let scorer = Scorer {
-        model: detector.model(),
-        threshold: detector.threshold(),
-        explainer: detector.explainer(),
-    };
     let assignment = source.assignment();
     let evictor = spawn_evictor(detector.clone());
     let tasks = Tasks {
         scorer: tokio::spawn(batcher::score_loop(
-            scorer,
+            detector.models().clone(),
             detector.metrics().clone(),
             batch,
             in_rx,

@@ -111,8 +111,11 @@ pub struct ScoreRecord {
     pub score: f32,
     /// Whether it alerted.
     pub alert: bool,
-    /// The model version.
+    /// The version of the model that made the score.
     pub model_version: String,
+    /// `champion` (its scores alert) or `challenger` (a shadow score: `alert` says whether it
+    /// would have alerted).
+    pub role: std::borrow::Cow<'static, str>,
     /// Where the transaction was read.
     pub source: Origin,
 }
@@ -159,6 +162,9 @@ pub struct DeadLetter {
     pub reason: String,
     /// The field at fault, when one is.
     pub field: Option<String>,
+    /// The card the record names, when it is an object with a card field (at most 256 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<String>,
     /// Topic or file.
     pub topic: String,
     /// Partition.
@@ -170,6 +176,16 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// The same dead letter, naming the card of the record (cut to 256 bytes).
+    pub fn with_card(mut self, card: Option<&serde_json::Value>) -> Self {
+        self.card = card.and_then(|v| match v {
+            serde_json::Value::String(s) => Some(cut_text(s.trim().to_string(), 256)),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        });
+        self
+    }
+
     /// Builds the dead letter of `env`, its payload cut to at most `keep` bytes once encoded.
     pub fn new(
         env: &Envelope,
@@ -188,6 +204,7 @@ impl DeadLetter {
             error: cut_text(error, MAX_ERROR_BYTES),
             reason: reason.into(),
             field: field.map(str::to_string),
+            card: None,
             topic: env.topic.clone(),
             partition: env.partition,
             offset: env.offset,

@@ -5,20 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::detector::{Decision, Ingest, Ingested, Pending};
-use super::explain::{Alerted, Explainer, Reason};
+use super::explain::{Alerted, Reason};
+use super::lineup::{Lineup, Scorer};
 use super::records::{DeadLetter, Origin};
-use crate::model::FastModel;
-
-/// What the scoring thread needs: the network, the alert threshold, and how to explain alerts.
-#[derive(Debug, Clone)]
-pub struct Scorer {
-    /// The network.
-    pub model: Arc<FastModel>,
-    /// Scores at or above it alert (and are explained).
-    pub threshold: f64,
-    /// Reasons for alerts.
-    pub explainer: Arc<Explainer>,
-}
 
 /// What scoring made of a message.
 #[derive(Debug, Clone)]
@@ -44,10 +33,9 @@ pub struct Outcome {
     pub kind: Decided,
 }
 
-/// Scores the windows of a batch in one call, explains the alerts, and returns every item's
-/// outcome in order.
-pub fn score_batch(scorer: &Scorer, items: Vec<Ingested>) -> Vec<Outcome> {
-    let model = &*scorer.model;
+/// Scores the windows of a batch in one call per model, explains the champion's alerts, and
+/// returns every item's outcome in order.
+pub fn score_batch(lineup: &Arc<Lineup>, items: Vec<Ingested>) -> Vec<Outcome> {
     let pending: Vec<&Pending> = items
         .iter()
         .filter_map(|i| match &i.kind {
@@ -55,29 +43,13 @@ pub fn score_batch(scorer: &Scorer, items: Vec<Ingested>) -> Vec<Outcome> {
             _ => None,
         })
         .collect();
-    let windows: Vec<&[f32]> = pending.iter().map(|p| p.window.as_slice()).collect();
-    let lens: Vec<usize> = pending.iter().map(|p| p.len).collect();
-    let (scores, attention) = model.predict(&windows, &lens);
-    // Every alert of the batch explained in one more call.
-    let alerted: Vec<usize> = (0..scores.len())
-        .filter(|&i| f64::from(scores[i]) >= scorer.threshold)
-        .collect();
-    let asked: Vec<Alerted> = alerted
-        .iter()
-        .map(|&i| Alerted {
-            window: &pending[i].window,
-            len: pending[i].len,
-            raw: &pending[i].raw,
-            score: scores[i],
-        })
-        .collect();
-    let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); scores.len()];
-    for (i, r) in alerted
-        .into_iter()
-        .zip(scorer.explainer.reasons_of(model, &asked))
-    {
-        reasons[i] = r;
-    }
+    let champion = score_windows(&lineup.champion, &pending, true);
+    let challenger = lineup
+        .challenger
+        .as_ref()
+        .map(|c| score_windows(c, &pending, false).0);
+    let (scores, attention, reasons) = champion;
+    let mut challenger = challenger.map(Vec::into_iter);
     let mut scored = scores.into_iter().zip(attention).zip(reasons);
     items
         .into_iter()
@@ -91,6 +63,8 @@ pub fn score_batch(scorer: &Scorer, items: Vec<Ingested>) -> Vec<Outcome> {
                         score,
                         attention,
                         reasons,
+                        lineup: lineup.clone(),
+                        challenger_score: challenger.as_mut().and_then(Iterator::next),
                     }))
                 }
                 Ingest::Invalid(d) => Decided::Invalid(d),
@@ -104,4 +78,44 @@ pub fn score_batch(scorer: &Scorer, items: Vec<Ingested>) -> Vec<Outcome> {
             }
         })
         .collect()
+}
+
+type Scored = (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<Reason>>);
+
+/// One model's scores (and attention) for the windows; its alerts explained when `explain`.
+fn score_windows(scorer: &Scorer, pending: &[&Pending], explain: bool) -> Scored {
+    let model = &*scorer.model;
+    let adapted: Option<Vec<(Vec<f32>, usize)>> = scorer
+        .adapt
+        .as_ref()
+        .map(|a| pending.iter().map(|p| a.apply(&p.window, p.len)).collect());
+    let (windows, lens): (Vec<&[f32]>, Vec<usize>) = match &adapted {
+        Some(a) => a.iter().map(|(w, l)| (w.as_slice(), *l)).unzip(),
+        None => pending.iter().map(|p| (p.window.as_slice(), p.len)).unzip(),
+    };
+    let (scores, attention) = model.predict(&windows, &lens);
+    let mut reasons: Vec<Vec<Reason>> = vec![Vec::new(); scores.len()];
+    if !explain {
+        return (scores, attention, reasons);
+    }
+    // Every alert of the batch explained in one more call.
+    let alerted: Vec<usize> = (0..scores.len())
+        .filter(|&i| f64::from(scores[i]) >= scorer.threshold)
+        .collect();
+    let asked: Vec<Alerted> = alerted
+        .iter()
+        .map(|&i| Alerted {
+            window: windows[i],
+            len: lens[i],
+            raw: &pending[i].raw,
+            score: scores[i],
+        })
+        .collect();
+    for (i, r) in alerted
+        .into_iter()
+        .zip(scorer.explainer.reasons_of(model, &asked))
+    {
+        reasons[i] = r;
+    }
+    (scores, attention, reasons)
 }

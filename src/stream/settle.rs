@@ -19,6 +19,8 @@ pub struct Settled {
     pub alert: Option<Alert>,
     /// The score record, when the sink publishes scores.
     pub score: Option<ScoreRecord>,
+    /// The shadow challenger's score record (same topic, tagged `challenger`).
+    pub challenger: Option<ScoreRecord>,
     /// The dead letter, for bad input.
     pub dead_letter: Option<Box<DeadLetter>>,
     /// For a scored transaction: transport timestamp (ms) and ingestion instant.
@@ -59,7 +61,8 @@ impl Event<'_> {
             Event::Scored { alerted } => m.scored(*alerted),
             Event::DeadLettered(l) => {
                 tracing::warn!(topic = %l.topic, partition = l.partition, offset = l.offset,
-                    reason = %l.reason, field = l.field.as_deref().unwrap_or(""), "dead-lettered: {}", l.error);
+                    card = l.card.as_deref().unwrap_or(""), reason = %l.reason,
+                    field = l.field.as_deref().unwrap_or(""), "dead-lettered: {}", l.error);
                 m.dead_lettered(&l.reason);
             }
             Event::LabelDeadLettered(l) => {
@@ -93,6 +96,7 @@ pub fn settle(detector: &Detector, outcome: Outcome, with_scores: bool) -> Settl
         card_id: None,
         alert: None,
         score: None,
+        challenger: None,
         dead_letter: None,
         timing: None,
         changelog: None,
@@ -108,8 +112,11 @@ pub fn settle(detector: &Detector, outcome: Outcome, with_scores: bool) -> Settl
             if let Some(a) = &alert {
                 m.recent_alerts.push(a);
             }
-            judge(detector, &d, alert.is_some());
+            judge(detector, &d);
             s.score = with_scores.then(|| detector.score_record(&d, &s.origin));
+            if with_scores {
+                s.challenger = detector.challenger_record(&d, &s.origin);
+            }
             s.alert = alert;
             s.card_id = Some(d.pending.card_id);
             s.timing = Some((outcome.timestamp_ms, outcome.at));
@@ -125,14 +132,14 @@ pub fn settle(detector: &Detector, outcome: Outcome, with_scores: bool) -> Settl
 
 /// Live quality: an inline label joins the decision now; otherwise the decision is remembered
 /// for its label (when a labels topic is read). The clock is read only when needed.
-fn judge(detector: &Detector, d: &Decision, alerted: bool) {
+fn judge(detector: &Detector, d: &Decision) {
     let (q, m) = (detector.quality(), detector.metrics());
     let now = || chrono::Utc::now().timestamp_millis();
     match (d.pending.label, &d.pending.transaction_id) {
         (Some(is_fraud), _) => {
-            q.inline(alerted, is_fraud, now(), m);
+            q.inline(&d.verdicts(), is_fraud, now(), m);
         }
-        (None, Some(id)) if q.remembers() => q.remember(id, alerted, now(), m),
+        (None, Some(id)) if q.remembers() => q.remember(id, d.verdicts(), now(), m),
         _ => {}
     }
 }

@@ -320,7 +320,9 @@ pub fn paired_bootstrap_ap(
             || vec![0u32; n],
             |weight, r| {
                 weight.fill(0);
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    seed ^ (r as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 for _ in 0..n {
                     weight[rng.random_range(0..n)] += 1;
                 }
@@ -457,14 +459,20 @@ mod tests {
         let labels: Vec<bool> = (0..n).map(|i| i % 20 == 0).collect();
         let noise: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
         // A: half signal; B: the same plus more signal; C: A with tiny noise.
-        let a: Vec<f32> = (0..n).map(|i| noise[i] + if labels[i] { 0.3 } else { 0.0 }).collect();
-        let b: Vec<f32> = (0..n).map(|i| noise[i] + if labels[i] { 0.8 } else { 0.0 }).collect();
+        let a: Vec<f32> = (0..n)
+            .map(|i| noise[i] + if labels[i] { 0.3 } else { 0.0 })
+            .collect();
+        let b: Vec<f32> = (0..n)
+            .map(|i| noise[i] + if labels[i] { 0.8 } else { 0.0 })
+            .collect();
         let same = paired_bootstrap_ap(&a, &a, &labels, 200, 1, || {});
         assert_eq!((same.low, same.high, same.difference), (0.0, 0.0, 0.0));
         assert!(same.verdict().starts_with("no significant"));
         let better = paired_bootstrap_ap(&a, &b, &labels, 200, 1, || {});
         assert!(better.difference > 0.2, "{better:?}");
-        assert!(better.low > 0.0 && better.low < better.difference && better.high > better.difference);
+        assert!(
+            better.low > 0.0 && better.low < better.difference && better.high > better.difference
+        );
         assert_eq!(better.b_better_fraction, 1.0);
         assert!(better.verdict().starts_with("B is better"));
         let worse = paired_bootstrap_ap(&b, &a, &labels, 200, 1, || {});

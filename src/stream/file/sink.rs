@@ -59,8 +59,10 @@ impl FileSink {
         if let Some(a) = &s.alert {
             self.alerts.write(a)?;
         }
-        if let (Some(out), Some(score)) = (self.scores.as_mut(), &s.score) {
-            out.write(score)?;
+        if let Some(out) = self.scores.as_mut() {
+            for score in s.score.iter().chain(&s.challenger) {
+                out.write(score)?;
+            }
         }
         if let (Some(out), Some(letter)) = (self.dead_letters.as_mut(), &s.dead_letter) {
             out.write(letter)?;

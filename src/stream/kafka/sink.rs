@@ -262,8 +262,10 @@ impl KafkaSink {
         if let Some(a) = &s.alert {
             acks.push(send(&self.producer, &self.alerts, key, &json(a)));
         }
-        if let (Some(topic), Some(score)) = (&self.scores, &s.score) {
-            acks.push(send(&self.producer, topic, key, &json(score)));
+        if let Some(topic) = &self.scores {
+            for score in s.score.iter().chain(&s.challenger) {
+                acks.push(send(&self.producer, topic, key, &json(score)));
+            }
         }
         if let (Some(topic), Some(letter)) = (&self.dead_letters, &s.dead_letter) {
             acks.push(send(&self.producer, topic, None, &json(&**letter)));
