@@ -32,7 +32,7 @@ pub struct QualitySettings {
 }
 
 impl QualitySettings {
-    /// A million scores: about 110 MB at the 107 bytes per score `fraudstream bench` measures.
+    /// A million scores: about 160 MB at the 159 bytes per score `fraudstream bench` measures.
     pub const DEFAULT_MAX_SCORES: usize = 1_000_000;
     /// A day: labels that take longer than that no longer reach live quality.
     pub const DEFAULT_TTL_MS: u64 = 24 * 3_600_000;
