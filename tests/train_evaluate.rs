@@ -258,6 +258,34 @@ fn learns_the_amount_scenario_and_reports_it() {
             && text.contains("verdict:         no significant difference"),
         "{text}"
     );
+    // A retrain that reuses the first model's scaler has its exact window recipe.
+    let again = dir.path().join("again");
+    fraudstream()
+        .args(["train", "--spec", "cards", "--window", "5", "--epochs", "1"])
+        .args([
+            "--batch-size",
+            "64",
+            "--neg-per-pos",
+            "4",
+            "--seed",
+            "4",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--scaler-from")
+        .arg(&model)
+        .arg("--out")
+        .arg(&again)
+        .assert()
+        .success();
+    let read = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("manifest.json")).unwrap()).unwrap()
+    };
+    assert_eq!(read(&again)["scaler"], read(&model)["scaler"]);
+    assert_ne!(
+        read(&again)["weights_sha256"],
+        read(&model)["weights_sha256"]
+    );
     // Three models are refused by name.
     fraudstream()
         .args([

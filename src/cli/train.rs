@@ -106,6 +106,12 @@ pub struct TrainArgs {
     /// Seed for initialisation, sampling and dropout.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Reuse this bundle's scaler instead of fitting one on the training period: a retrained
+    /// model with the running model's scaler (and features and window) has the same window
+    /// recipe, so the running detector's card state, changelog and snapshots stay valid for it
+    /// across a hot swap and any restart after.
+    #[arg(long)]
+    pub scaler_from: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -279,6 +285,15 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         rule,
         valid_cards: args.valid_cards,
         label_delay: args.label_delay,
+        scaler: match &args.scaler_from {
+            Some(dir) => Some(
+                crate::model::Bundle::load(dir, &candle_core::Device::Cpu)
+                    .with_context(|| format!("loading --scaler-from {}", dir.display()))?
+                    .manifest
+                    .scaler,
+            ),
+            None => None,
+        },
     };
     let outcome = run_job(&job, &txs, &mut Bars { bar: None })
         .with_context(|| format!("training into {}", args.out.display()))?;

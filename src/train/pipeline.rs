@@ -48,6 +48,8 @@ pub struct TrainJob {
     pub valid_cards: f64,
     /// When a label counts as known if the file has no `labelled_at`: after this long.
     pub label_delay: Span,
+    /// A scaler to reuse (another bundle's) instead of fitting one on the training period.
+    pub scaler: Option<crate::features::RobustScaler>,
 }
 
 /// Why training could not produce a bundle.
@@ -56,6 +58,14 @@ pub enum TrainError {
     /// The periods hold nothing to fit the scaler on.
     #[error("the training period holds no transactions")]
     NoTrainingRows,
+    /// The scaler given to reuse is for other features.
+    #[error("the reused scaler is for features {theirs:?}, the spec has {ours:?}")]
+    ScalerMismatch {
+        /// The scaler's features.
+        theirs: Vec<String>,
+        /// The spec's.
+        ours: Vec<String>,
+    },
     /// No fraud in the training period.
     #[error("the training period holds no fraud to learn from")]
     NoTrainingFraud,
@@ -190,9 +200,18 @@ pub fn run_job(
 ) -> Result<TrainOutcome, TrainError> {
     let began = Instant::now();
     let split = &job.split;
-    let scaler = fit_scaler(&job.spec, txs, job.label_delay, |t| {
-        split.period(t.ts) == Period::Train
-    });
+    let scaler = match &job.scaler {
+        Some(s) if s.names != job.spec.feature_names() => {
+            return Err(TrainError::ScalerMismatch {
+                theirs: s.names.clone(),
+                ours: job.spec.feature_names(),
+            });
+        }
+        Some(s) => s.clone(),
+        None => fit_scaler(&job.spec, txs, job.label_delay, |t| {
+            split.period(t.ts) == Period::Train
+        }),
+    };
     if scaler.fitted_rows == 0 {
         return Err(TrainError::NoTrainingRows);
     }
