@@ -326,6 +326,11 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     let _runtime = rt.enter();
     if args.watch_model {
+        if args.model.is_none() && args.challenger.is_none() {
+            tracing::warn!(
+                "--watch-model without --model or --challenger: the built-in model has no directory to watch"
+            );
+        }
         rollout.spawn_watch(Duration::from_secs_f64(args.watch_interval_s));
     }
     #[cfg(unix)]
