@@ -154,7 +154,7 @@ fn promtool_accepts_the_config_and_the_rules_pass_their_unit_tests() {
             .args(["check", "rules", "alerts.yml"])
             .current_dir(&dir),
     );
-    assert!(out.contains("6 rules found"), "{out}");
+    assert!(out.contains("7 rules found"), "{out}");
     let out = run_ok(
         Command::new("promtool")
             .args(["test", "rules", "alerts_test.yml"])
