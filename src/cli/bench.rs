@@ -643,6 +643,7 @@ fn replay_pacing(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_js
         &topic,
         &days,
         Some(args.replay_rate),
+        super::demo::BENCH_LINGER_MS,
     ))?;
     let achieved = sent as f64 / began.elapsed().as_secs_f64();
     drop(broker);
