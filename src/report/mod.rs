@@ -163,11 +163,15 @@ pub fn write_comparison(dir: &Path, input: &CompareInput) -> Result<PathBuf, Rep
         .collect();
     let s = input.models[0].summary;
     let prevalence = s.frauds as f64 / s.transactions.max(1) as f64;
-    plots::pr_curves(&dir.join("pr_compare.png"), &curves, prevalence).map_err(|message| {
-        ReportError::Plot {
-            name: "pr_compare",
-            message,
-        }
+    plots::pr_curves(
+        &dir.join("pr_compare.png"),
+        "Precision-recall: A and B",
+        &curves,
+        prevalence,
+    )
+    .map_err(|message| ReportError::Plot {
+        name: "pr_compare",
+        message,
     })?;
     let d = input.difference;
     let mut h = String::new();

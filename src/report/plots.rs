@@ -119,63 +119,28 @@ pub fn pr_curve(
     ap: f64,
     prevalence: f64,
 ) -> PlotResult {
-    let root = BitMapBackend::new(path, (W, H)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("Precision-recall (AP {ap:.3})"), ("sans-serif", 22))
-        .margin(15)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..1f64, 0f64..1.02f64)
-        .map_err(err)?;
-    chart
-        .configure_mesh()
-        .x_desc("recall")
-        .y_desc("precision")
-        .draw()
-        .map_err(err)?;
-    chart
-        .draw_series(LineSeries::new(
-            curve.iter().map(|p| (p.recall, p.precision)),
-            BLUE.stroke_width(2),
-        ))
-        .map_err(err)?
-        .label("model")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
-    chart
-        .draw_series(LineSeries::new(
-            [(0.0, prevalence), (1.0, prevalence)],
-            BLACK.mix(0.4),
-        ))
-        .map_err(err)?
-        .label(format!("no skill ({prevalence:.4})"))
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
     let (r, p) = chosen;
-    chart
-        .draw_series(std::iter::once(Circle::new((r, p), 7, RED.filled())))
-        .map_err(err)?
-        .label(format!("threshold: P {p:.3}, R {r:.3}"))
-        .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(err)?;
-    root.present().map_err(err)
+    let label = format!("model; threshold: P {p:.3}, R {r:.3}");
+    pr_curves(
+        path,
+        &format!("Precision-recall (AP {ap:.3})"),
+        &[(label, curve.to_vec(), chosen)],
+        prevalence,
+    )
 }
 
 /// Several precision-recall curves on one chart, each with its operating point: `(label,
 /// curve, (recall, precision) at its threshold)`.
 pub fn pr_curves(
     path: &Path,
+    caption: &str,
     curves: &[(String, Vec<PrPoint>, (f64, f64))],
     prevalence: f64,
 ) -> PlotResult {
     let root = BitMapBackend::new(path, (W, H)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("Precision-recall: A and B", ("sans-serif", 22))
+        .caption(caption, ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(50)

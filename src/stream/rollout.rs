@@ -351,6 +351,28 @@ async fn step(
     (status, axum::Json(v))
 }
 
+/// Loads the bundle the body's `dir` names into `role` (the champion's own directory when the
+/// body names none).
+async fn load_step(r: Arc<Rollout>, bytes: axum::body::Bytes, role: Role) -> AdminReply {
+    let b = match body(&bytes) {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    step(r, move |r| {
+        let dir = match (b.dir, role) {
+            (Some(dir), _) => dir,
+            (None, Role::Champion) => r.champion_dir().ok_or_else(|| {
+                "the built-in model has no directory to reload: give {\"dir\": DIR}".to_string()
+            })?,
+            (None, Role::Challenger) => {
+                return Err("give the challenger's bundle: {\"dir\": DIR}".to_string());
+            }
+        };
+        r.load(role, &dir)
+    })
+    .await
+}
+
 /// The admin endpoints (serve `--admin-addr`, off by default: anyone who reaches them can
 /// change the model):
 /// - `POST /admin/model` (`{"dir": DIR}` optional): load the champion from DIR, or reload its
@@ -367,40 +389,15 @@ pub fn admin_router(r: Arc<Rollout>) -> axum::Router {
     axum::Router::new()
         .route(
             "/admin/model",
-            post(
-                |State(r): State<Arc<Rollout>>, bytes: axum::body::Bytes| async move {
-                    let b = match body(&bytes) {
-                        Ok(b) => b,
-                        Err(e) => return e,
-                    };
-                    step(r, move |r| {
-                        let dir = b.dir.or_else(|| r.champion_dir()).ok_or_else(|| {
-                            "the built-in model has no directory to reload: give {\"dir\": DIR}"
-                                .to_string()
-                        })?;
-                        r.load(Role::Champion, &dir)
-                    })
-                    .await
-                },
-            ),
+            post(|State(r): State<Arc<Rollout>>, bytes: axum::body::Bytes| {
+                load_step(r, bytes, Role::Champion)
+            }),
         )
         .route(
             "/admin/challenger",
-            post(
-                |State(r): State<Arc<Rollout>>, bytes: axum::body::Bytes| async move {
-                    let b = match body(&bytes) {
-                        Ok(b) => b,
-                        Err(e) => return e,
-                    };
-                    step(r, move |r| {
-                        let dir = b.dir.ok_or_else(|| {
-                            "give the challenger's bundle: {\"dir\": DIR}".to_string()
-                        })?;
-                        r.load(Role::Challenger, &dir)
-                    })
-                    .await
-                },
-            )
+            post(|State(r): State<Arc<Rollout>>, bytes: axum::body::Bytes| {
+                load_step(r, bytes, Role::Challenger)
+            })
             .delete(|State(r): State<Arc<Rollout>>| async move {
                 step(r, |r| Ok(r.drop_challenger())).await
             }),
