@@ -83,6 +83,19 @@ fn labels_of(file: &Path) -> HashMap<String, bool> {
         .collect()
 }
 
+/// A detector on fresh topics (2 input partitions) with its admin endpoints on a free port,
+/// `extra` flags added; returns the topics, the detector and the admin address.
+fn start_with_admin(extra: &[&str]) -> (Topics, Serve, String) {
+    let topics = Topics::new();
+    create_topics(&[&topics.input], 2);
+    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut args = extra.to_vec();
+    args.extend(["--admin-addr", admin.as_str()]);
+    let serve = Serve::start_for(&topics, &unique("group"), &args);
+    (topics, serve, admin)
+}
+
 /// `METHOD http://addr/path` with a JSON body (HTTP/1.0); returns (status line, body).
 fn send(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
     use std::io::{Read, Write};
@@ -159,23 +172,13 @@ fn a_model_swapped_under_load_scores_every_transaction_once_and_keeps_the_cards(
     ]
     .into();
 
-    let topics = Topics::new();
-    create_topics(&[&topics.input], 2);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    let admin = format!("127.0.0.1:{}", free_port());
-    let serve = Serve::start_for(
-        &topics,
-        &unique("group"),
-        &[
-            "--model",
-            a.to_str().unwrap(),
-            "--watch-model",
-            "--watch-interval-s",
-            "0.2",
-            "--admin-addr",
-            &admin,
-        ],
-    );
+    let (topics, serve, admin) = start_with_admin(&[
+        "--model",
+        a.to_str().unwrap(),
+        "--watch-model",
+        "--watch-interval-s",
+        "0.2",
+    ]);
     let addr = serve.wait_ready(Duration::from_secs(60));
     let mut replay = replay_at(&file, &topics.input, "600");
     let wait_scored = |k: f64| {
@@ -316,20 +319,7 @@ fn a_shadow_challenger_is_scored_and_judged_like_the_champion_then_promoted() {
     let (va, vb) = (version_of(DEFAULT), version_of(BASELINE));
     let challenger = copy_bundle(BASELINE, &dir.path().join("challenger"));
     let alone = reference_scores(BASELINE, &file, dir.path());
-    let topics = Topics::new();
-    create_topics(&[&topics.input], 2);
-    create_topics(&[&topics.alerts, &topics.scores, &topics.dlq], 1);
-    let admin = format!("127.0.0.1:{}", free_port());
-    let serve = Serve::start_for(
-        &topics,
-        &unique("group"),
-        &[
-            "--challenger",
-            challenger.to_str().unwrap(),
-            "--admin-addr",
-            &admin,
-        ],
-    );
+    let (topics, serve, admin) = start_with_admin(&["--challenger", challenger.to_str().unwrap()]);
     let addr = serve.wait_ready(Duration::from_secs(60));
     let mut replay = replay_at(&file, &topics.input, "0");
     assert!(replay.wait().unwrap().success());
