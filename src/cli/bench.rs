@@ -19,6 +19,7 @@ use crate::observe::Metrics;
 use crate::sim::{SimConfig, Simulator};
 use crate::stream::kafka::{KafkaSettings, run_kafka};
 use crate::stream::{Detector, DetectorSettings, RunStats};
+use crate::train::{Engine, FocalLoss, Optimiser, TrainSettings, WindowSet};
 
 /// Options of `bench`.
 #[derive(Debug, Args)]
@@ -124,6 +125,55 @@ fn inference_rate(
     n as f64 / began.elapsed().as_secs_f64()
 }
 
+/// `train`'s default batch size, what training throughput is measured at.
+const TRAIN_BATCH: usize = 128;
+
+/// Training windows per second (forward, backward, Adam step) with `engine` on full random
+/// windows, a tenth of them fraud.
+fn training_rate(
+    cfg: &ModelConfig,
+    engine: Engine,
+    batch: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut set = WindowSet::new(cfg.window, cfg.input);
+    let n = 4 * batch;
+    set.data = (0..n * cfg.window * cfg.input)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    set.lens = vec![cfg.window; n];
+    set.labels = (0..n).map(|i| i % 10 == 0).collect();
+    let (model, varmap) = init(cfg, 1, &Device::Cpu)?;
+    let settings = TrainSettings {
+        epochs: 1,
+        batch_size: batch,
+        lr: 1e-3,
+        loss: FocalLoss::default(),
+        neg_per_pos: None,
+        patience: 1,
+        seed: 1,
+        time_budget_s: None,
+        engine,
+    };
+    let mut opt = Optimiser::new(&model, &varmap, &settings)?;
+    let idx: Vec<usize> = (0..n).collect();
+    let chunks: Vec<&[usize]> = idx.chunks(batch).collect();
+    opt.step(&set, chunks[0], &settings.loss, [1, 2])?;
+    let began = Instant::now();
+    let mut done = 0usize;
+    while began.elapsed().as_secs_f64() < seconds {
+        opt.step(
+            &set,
+            chunks[done / batch % chunks.len()],
+            &settings.loss,
+            [1, 2],
+        )?;
+        done += batch;
+    }
+    Ok(done as f64 / began.elapsed().as_secs_f64())
+}
+
 pub(crate) fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
@@ -220,7 +270,21 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
                 / peak
         );
     }
+    let mut training = serde_json::Map::new();
+    for engine in [Engine::Kernels, Engine::Candle] {
+        let rate = training_rate(&cfg, engine, TRAIN_BATCH, args.seconds)?;
+        if !args.json {
+            println!(
+                "training batch {TRAIN_BATCH}: {rate:>8.0} windows/s ({} engine, forward and \
+                 backward pass and Adam step, same network)",
+                engine.name()
+            );
+        }
+        training.insert(engine.name().to_string(), json!(rate.round()));
+    }
     Ok(vec![
+        ("training_windows_per_s", training.into()),
+        ("training_batch", json!(TRAIN_BATCH)),
         ("fp32_peak_gflop_per_s", json!((peak * 10.0).round() / 10.0)),
         ("fp32_peak_threads", json!(threads)),
         ("inference_windows_per_s", inference.into()),

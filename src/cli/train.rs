@@ -12,7 +12,7 @@ use crate::features::DEFAULT_LABEL_DELAY;
 use crate::model::{ModelConfig, ThresholdRule};
 use crate::schema::{FeatureSpec, Span};
 use crate::train::{
-    DataReport, EpochRecord, FocalLoss, JobObserver, PeriodsReport, TimeSplit, TrainJob,
+    DataReport, Engine, EpochRecord, FocalLoss, JobObserver, PeriodsReport, TimeSplit, TrainJob,
     TrainObserver, TrainSettings, parse_date, run_job,
 };
 
@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// Maximum epochs (early stopping usually ends training first).
     #[arg(long, default_value_t = 20)]
     pub epochs: usize,
+    /// What computes the gradients: `kernels` (hand-written passes on the scoring kernels) or
+    /// `candle` (candle's autograd, slower; kept to compare with).
+    #[arg(long, value_enum, default_value_t = Engine::Kernels)]
+    pub engine: Engine,
     /// Windows per optimiser step (the notebook used 32; 128 trains ~1.6x faster here).
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
@@ -182,6 +186,7 @@ impl TrainArgs {
             patience: self.patience.max(1),
             seed: self.seed,
             time_budget_s: self.time_budget_min.map(|m| m * 60.0),
+            engine: self.engine,
         })
     }
 }

@@ -56,7 +56,7 @@ impl Isa {
     }
 
     /// Panics unless this CPU can run it (the kernels' safety check).
-    fn require(self) {
+    pub(crate) fn require(self) {
         assert!(
             self.available(),
             "{} is not available on this CPU",

@@ -24,6 +24,7 @@ pub use config::ModelConfig;
 pub use fast::{FastModel, ForwardPath, Precision, precision, set_precision};
 pub use layers::{Attention, Dense, Lstm};
 pub use network::{AttentionLstm, Batch, Output};
+pub(crate) use pool::join;
 pub use threshold::{Choice, ThresholdRule};
 
 /// A freshly initialised, trainable model and the variables an optimiser updates.

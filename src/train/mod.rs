@@ -1,6 +1,7 @@
 //! Training and offline evaluation: time split, datasets of windows, focal loss, the training
 //! loop, threshold choice and metrics.
 
+pub mod backprop;
 mod dataset;
 mod loss;
 pub mod metrics;
@@ -16,4 +17,4 @@ pub use pipeline::{
     TrainingReport, run_job,
 };
 pub use split::{DateError, Period, TimeSplit, parse_date};
-pub use trainer::{EpochRecord, TrainObserver, TrainSettings, Trained, fit};
+pub use trainer::{Engine, EpochRecord, Optimiser, TrainObserver, TrainSettings, Trained, fit};

@@ -11,6 +11,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::backprop::{Adam, Net, combine};
 use super::dataset::{WindowSet, epoch_sample};
 use super::loss::FocalLoss;
 use super::metrics::average_precision;
@@ -35,6 +36,34 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Stop starting new epochs once this many seconds have passed (None: no limit).
     pub time_budget_s: Option<f64>,
+    /// What computes the gradients (bundles written before it existed were trained by candle).
+    #[serde(default = "Engine::candle")]
+    pub engine: Engine,
+}
+
+/// What computes a training step's gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// The hand-written forward and backward passes on the scoring kernels ([`super::backprop`]).
+    #[default]
+    Kernels,
+    /// Candle's autograd over the candle network (the oracle the kernels are tested against).
+    Candle,
+}
+
+impl Engine {
+    fn candle() -> Self {
+        Engine::Candle
+    }
+
+    /// Its name as the `--engine` flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Kernels => "kernels",
+            Engine::Candle => "candle",
+        }
+    }
 }
 
 /// One epoch's record, kept in the manifest and plotted in the report.
@@ -90,15 +119,7 @@ pub fn fit(
     observer: &mut dyn TrainObserver,
 ) -> candle_core::Result<Trained> {
     let cfg: &ModelConfig = model.config();
-    let params = ParamsAdamW {
-        lr: s.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-7,
-        // Adam, not AdamW: candle's default weight decay of 0.01 is not what the notebook used.
-        weight_decay: 0.0,
-    };
-    let mut opt = AdamW::new(varmap.all_vars(), params)?;
+    let mut opt = Optimiser::new(model, varmap, s)?;
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed.wrapping_add(1));
     let began = Instant::now();
     let mut history = Vec::new();
@@ -113,7 +134,7 @@ pub fn fit(
                 rand::RngExt::random::<u64>(&mut rng),
                 rand::RngExt::random::<u64>(&mut rng),
             ];
-            let loss = data_parallel_step(model, varmap, &mut opt, train, chunk, &s.loss, seeds)?;
+            let loss = opt.step(train, chunk, &s.loss, seeds)?;
             loss_sum += loss;
             batches += 1;
             observer.batch_done(
@@ -122,7 +143,7 @@ pub fn fit(
             );
         }
         let train_secs = epoch_began.elapsed().as_secs_f64();
-        let snapshot = weights(varmap)?;
+        let snapshot = opt.weights()?;
         let fast = FastModel::new(cfg, &snapshot)?;
         let scores = valid.score(&fast, 512, |_| {});
         let ap = average_precision(&scores, &valid.labels);
@@ -160,6 +181,119 @@ pub fn fit(
         best_epoch,
         weights,
     })
+}
+
+/// Adam over a model's variables, with the gradients from the engine the settings name.
+pub struct Optimiser<'a> {
+    model: &'a AttentionLstm,
+    varmap: &'a VarMap,
+    engine: EngineState,
+}
+
+enum EngineState {
+    Kernels(Box<Net>, Adam),
+    Candle(AdamW),
+}
+
+impl<'a> Optimiser<'a> {
+    /// Adam (no weight decay, Keras's betas and epsilon) at `s.lr` on `s.engine`, starting from
+    /// the variables' current values.
+    pub fn new(
+        model: &'a AttentionLstm,
+        varmap: &'a VarMap,
+        s: &TrainSettings,
+    ) -> candle_core::Result<Self> {
+        let engine = match s.engine {
+            Engine::Kernels => EngineState::Kernels(
+                Box::new(Net::new(model.config(), &weights(varmap)?)?),
+                Adam::new(s.lr),
+            ),
+            Engine::Candle => EngineState::Candle(AdamW::new(
+                varmap.all_vars(),
+                ParamsAdamW {
+                    lr: s.lr,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-7,
+                    // Adam, not AdamW: candle's default weight decay of 0.01 is not what the
+                    // notebook used.
+                    weight_decay: 0.0,
+                },
+            )?),
+        };
+        Ok(Optimiser {
+            model,
+            varmap,
+            engine,
+        })
+    }
+
+    /// One optimiser step on the windows `chunk` of `train` (dropout drawn from `seeds`, one per
+    /// half). Returns the batch's mean loss.
+    pub fn step(
+        &mut self,
+        train: &WindowSet,
+        chunk: &[usize],
+        loss_fn: &FocalLoss,
+        seeds: [u64; 2],
+    ) -> candle_core::Result<f64> {
+        match &mut self.engine {
+            EngineState::Kernels(net, adam) => {
+                Ok(kernel_step(net, adam, train, chunk, loss_fn, seeds))
+            }
+            EngineState::Candle(opt) => {
+                data_parallel_step(self.model, self.varmap, opt, train, chunk, loss_fn, seeds)
+            }
+        }
+    }
+
+    /// The current weights by name (a snapshot).
+    pub fn weights(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        match &self.engine {
+            EngineState::Kernels(net, _) => net.weights(),
+            EngineState::Candle(_) => weights(self.varmap),
+        }
+    }
+}
+
+/// One optimiser step on `chunk` with the hand-written passes: two halves on the two cores (the
+/// scoring pool's helper thread), gradients averaged by half size. Returns the batch's mean loss.
+fn kernel_step(
+    net: &mut Net,
+    adam: &mut Adam,
+    train: &WindowSet,
+    chunk: &[usize],
+    loss_fn: &FocalLoss,
+    seeds: [u64; 2],
+) -> f64 {
+    let half = chunk.len().div_ceil(2);
+    let (a, b) = chunk.split_at(half.min(chunk.len()));
+    let net_ref = &*net;
+    let run = |part: &[usize], seed: u64| {
+        if part.is_empty() {
+            return None;
+        }
+        let ws: Vec<&[f32]> = part.iter().map(|&i| train.get(i)).collect();
+        let lens: Vec<usize> = part.iter().map(|&i| train.lens[i]).collect();
+        let y: Vec<f32> = part
+            .iter()
+            .map(|&i| f32::from(u8::from(train.labels[i])))
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Some(net_ref.loss_and_gradients(&ws, &lens, &y, loss_fn, Some(&mut rng)))
+    };
+    let (ra, rb) = crate::model::join(|| run(a, seeds[0]), || run(b, seeds[1]));
+    let total = chunk.len() as f64;
+    let (la, ga) = ra.expect("a step has at least one window");
+    let (loss, grads) = match rb {
+        Some((lb, gb)) => {
+            let (wa, wb) = (a.len() as f64 / total, b.len() as f64 / total);
+            (la * wa + lb * wb, combine(ga, wa as f32, &gb, wb as f32))
+        }
+        None => (la, ga),
+    };
+    adam.step(net, &grads);
+    loss
 }
 
 /// One optimiser step on `chunk`, computed as two halves on two threads (candle's CPU ops barely
