@@ -94,13 +94,43 @@ struct DenseP {
     bias: Vec<f32>,
     input: usize,
     output: usize,
+    /// `kernel` packed for the scoring kernels' `x·kernel`, and its transpose for `dy·kernel^T`
+    /// (re-packed after every optimiser step).
+    packed: Packed,
+    packed_t: Packed,
 }
 
 impl DenseP {
+    fn new(kernel: Vec<f32>, bias: Vec<f32>, input: usize, output: usize) -> Self {
+        let packed = Packed::new(&kernel, input, output);
+        let packed_t = Packed::new(&transpose(&kernel, input, output), output, input);
+        DenseP {
+            kernel,
+            bias,
+            input,
+            output,
+            packed,
+            packed_t,
+        }
+    }
+
+    fn repack(&mut self) {
+        *self = DenseP::new(
+            std::mem::take(&mut self.kernel),
+            std::mem::take(&mut self.bias),
+            self.input,
+            self.output,
+        );
+    }
+
     /// `y [rows, output] = x·kernel + bias`, `x` with row stride `ldx`, `y` with `ldy`.
     fn forward(&self, x: &[f32], ldx: usize, rows: usize, y: &mut [f32], ldy: usize) {
         for r in 0..rows {
             y[r * ldy..r * ldy + self.output].copy_from_slice(&self.bias);
+        }
+        if ldy == self.output {
+            kernel::matmul_acc(kernel::isa(), x, rows, ldx, &self.packed, y);
+            return;
         }
         mm(
             (rows, self.input, self.output),
@@ -140,6 +170,10 @@ impl DenseP {
         );
         add_column_sums(dy, ldy, rows, &mut g.bias);
         if let Some((dx, lddx)) = dx {
+            if lddx == i && ldy >= o {
+                kernel::matmul_acc(kernel::isa(), dy, rows, ldy, &self.packed_t, dx);
+                return;
+            }
             mm(
                 (rows, o, i),
                 dy,
@@ -172,12 +206,7 @@ impl LstmP {
         let packed = Packed::new(&recurrent, h, 4 * h);
         let packed_t = Packed::new(&transpose(&recurrent, h, 4 * h), 4 * h, h);
         LstmP {
-            input_w: DenseP {
-                kernel,
-                bias,
-                input,
-                output: 4 * h,
-            },
+            input_w: DenseP::new(kernel, bias, input, 4 * h),
             recurrent,
             packed,
             packed_t,
@@ -527,12 +556,12 @@ impl Net {
             ))
         };
         let dense = |name: &str, input: usize, output: usize| -> candle_core::Result<DenseP> {
-            Ok(DenseP {
-                kernel: take(&format!("{name}.kernel"))?,
-                bias: take(&format!("{name}.bias"))?,
+            Ok(DenseP::new(
+                take(&format!("{name}.kernel"))?,
+                take(&format!("{name}.bias"))?,
                 input,
                 output,
-            })
+            ))
         };
         let (s, a) = (cfg.seq_width(), cfg.attention);
         Ok(Net {
@@ -573,8 +602,17 @@ impl Net {
         v
     }
 
-    /// Re-packs the recurrent kernels after their values changed.
+    /// Re-packs the kernels after their values changed.
     fn repack(&mut self) {
+        for d in [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.dense,
+            &mut self.out,
+        ] {
+            d.repack();
+        }
         for l in [&mut self.forward, &mut self.backward, &mut self.lstm2] {
             *l = LstmP::new(
                 std::mem::take(&mut l.input_w.kernel),
@@ -691,31 +729,45 @@ impl Net {
         self.value.forward(&x2, x2w, rows, &mut v, a);
         let first = |i: usize| t_len - lens[i];
         let row = |t: usize, i: usize| t * b + i;
+        // Per window: scores [T, real] = Q·K^T over the real keys, a softmax per query, and
+        // the output W·V written into LSTM 2's input (padded keys get exactly zero weight).
         let mut weights = vec![0.0f32; b * t_len * t_len];
         for i in 0..b {
-            for t in 0..t_len {
-                let qt = &q[row(t, i) * a..(row(t, i) + 1) * a];
-                let w = &mut weights[(i * t_len + t) * t_len..(i * t_len + t + 1) * t_len];
-                let mut max = f32::NEG_INFINITY;
-                for u in first(i)..t_len {
-                    let ku = &k[row(u, i) * a..(row(u, i) + 1) * a];
-                    w[u] = qt.iter().zip(ku).map(|(x, y)| x * y).sum();
-                    max = max.max(w[u]);
-                }
+            let (fr, n) = (first(i), lens[i]);
+            let w = &mut weights[i * t_len * t_len..(i + 1) * t_len * t_len];
+            let kr = &k[row(fr, i) * a..];
+            mm(
+                (t_len, a, n),
+                &q[i * a..],
+                (b * a, 1),
+                kr,
+                (1, b * a),
+                &mut w[fr..],
+                t_len,
+                0.0,
+            );
+            for wt in w.chunks_exact_mut(t_len) {
+                let wt = &mut wt[fr..];
+                let max = wt.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                 let mut sum = 0.0;
-                for wu in &mut w[first(i)..] {
-                    *wu = (*wu - max).exp();
-                    sum += *wu;
+                for x in wt.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
                 }
-                let out = &mut x2[row(t, i) * x2w + sw..(row(t, i) + 1) * x2w];
-                for u in first(i)..t_len {
-                    w[u] /= sum;
-                    let vu = &v[row(u, i) * a..(row(u, i) + 1) * a];
-                    for (o, x) in out.iter_mut().zip(vu) {
-                        *o += w[u] * x;
-                    }
-                }
+                wt.iter_mut().for_each(|x| *x /= sum);
             }
+            let vr = &v[row(fr, i) * a..];
+            let out = &mut x2[i * x2w + sw..];
+            mm(
+                (t_len, n, a),
+                &w[fr..],
+                (t_len, 1),
+                vr,
+                (b * a, 1),
+                out,
+                b * x2w,
+                0.0,
+            );
         }
         // LSTM 2, dense, output.
         let tape2 = self.lstm2.forward(&x2, x2w, fwd, isa);
@@ -775,31 +827,63 @@ impl Net {
         let mut dq = vec![0.0; rows * a];
         let mut dk = vec![0.0; rows * a];
         let mut dv = vec![0.0; rows * a];
-        let mut dw = vec![0.0f32; t_len];
+        let mut ds = vec![0.0f32; t_len * t_len];
         for i in 0..b {
-            for t in 0..t_len {
-                let da = &dx2[row(t, i) * x2w + sw..(row(t, i) + 1) * x2w];
-                let w = &weights[(i * t_len + t) * t_len..(i * t_len + t + 1) * t_len];
-                let mut dot = 0.0;
-                for u in first(i)..t_len {
-                    let vu = &v[row(u, i) * a..(row(u, i) + 1) * a];
-                    dw[u] = da.iter().zip(vu).map(|(x, y)| x * y).sum();
-                    dot += w[u] * dw[u];
-                    let dvu = &mut dv[row(u, i) * a..(row(u, i) + 1) * a];
-                    for (o, x) in dvu.iter_mut().zip(da) {
-                        *o += w[u] * x;
-                    }
-                }
-                let qt = row(t, i) * a;
-                for u in first(i)..t_len {
-                    let ds = w[u] * (dw[u] - dot);
-                    let ku = row(u, i) * a;
-                    for j in 0..a {
-                        dq[qt + j] += ds * k[ku + j];
-                        dk[ku + j] += ds * q[qt + j];
-                    }
+            let (fr, n) = (first(i), lens[i]);
+            let w = &weights[i * t_len * t_len + fr..];
+            let da = &dx2[i * x2w + sw..];
+            let ds = &mut ds[..t_len * n];
+            let (qi, kr, vr) = (i * a, row(fr, i) * a, row(fr, i) * a);
+            // dW = dA·V^T; dV += W^T·dA.
+            mm(
+                (t_len, a, n),
+                da,
+                (b * x2w, 1),
+                &v[vr..],
+                (1, b * a),
+                ds,
+                n,
+                0.0,
+            );
+            mm(
+                (n, t_len, a),
+                w,
+                (1, t_len),
+                da,
+                (b * x2w, 1),
+                &mut dv[vr..],
+                b * a,
+                1.0,
+            );
+            // Through the softmax: dS = W ⊙ (dW - Σ W·dW) per query.
+            for (t, dst) in ds.chunks_exact_mut(n).enumerate() {
+                let wt = &w[t * t_len..t * t_len + n];
+                let dot: f32 = wt.iter().zip(dst.iter()).map(|(x, y)| x * y).sum();
+                for (d, x) in dst.iter_mut().zip(wt) {
+                    *d = x * (*d - dot);
                 }
             }
+            // dQ += dS·K; dK += dS^T·Q.
+            mm(
+                (t_len, n, a),
+                ds,
+                (n, 1),
+                &k[kr..],
+                (b * a, 1),
+                &mut dq[qi..],
+                b * a,
+                1.0,
+            );
+            mm(
+                (n, t_len, a),
+                ds,
+                (1, n),
+                &q[qi..],
+                (b * a, 1),
+                &mut dk[kr..],
+                b * a,
+                1.0,
+            );
         }
         let mut g_q = LayerGrad::dense(&self.query);
         let mut g_k = LayerGrad::dense(&self.key);
