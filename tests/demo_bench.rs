@@ -202,6 +202,14 @@ fn bench_prints_the_documented_json() {
         ["avx512", "avx2+fma", "portable"].contains(&v["inference_isa"].as_str().unwrap()),
         "{v}"
     );
+    // Training throughput of both engines at train's default batch size.
+    assert_eq!(v["training_batch"].as_u64(), Some(128), "{v}");
+    for engine in ["kernels", "candle"] {
+        assert!(
+            v["training_windows_per_s"][engine].as_f64().unwrap() > 0.0,
+            "{v}"
+        );
+    }
     assert!(v["end_to_end_tx_per_s"].as_f64().unwrap() > 0.0);
     let (p50, p99) = (
         v["latency_ms"]["p50"].as_f64().unwrap(),

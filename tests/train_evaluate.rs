@@ -420,6 +420,8 @@ fn layer_sizes_are_configurable_and_recorded() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["architecture"]["lstm1"], 16);
+    // Trained by the hand-written passes (the default engine), and the bundle says so.
+    assert_eq!(m["training"]["settings"]["engine"], "kernels");
     // The `cards` spec's 20 features: 2·4·16·(20+16+1) + 3·(32·8+8) + 4·8·(40+8+1) + (8·4+4) + (4+1)
     assert_eq!(fraudstream::schema::FeatureSpec::cards().width(), 20);
     assert_eq!(m["parameters"], 4_736 + 792 + 1_568 + 36 + 5);
@@ -437,7 +439,7 @@ fn training_is_deterministic_for_a_seed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("amounts.csv");
     amount_fraud_csv(&data);
-    let sha = |name: &str, seed: &str| {
+    let sha = |name: &str, seed: &str, engine: &str| {
         let out = dir.path().join(name);
         fraudstream()
             .args([
@@ -450,6 +452,8 @@ fn training_is_deterministic_for_a_seed() {
                 "32",
                 "--seed",
                 seed,
+                "--engine",
+                engine,
             ])
             .arg("--data")
             .arg(&data)
@@ -460,8 +464,11 @@ fn training_is_deterministic_for_a_seed() {
         let m: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
                 .unwrap();
+        assert_eq!(m["training"]["settings"]["engine"], engine);
         m["weights_sha256"].as_str().unwrap().to_string()
     };
-    assert_eq!(sha("a", "1"), sha("b", "1"));
-    assert_ne!(sha("a", "1"), sha("c", "2"));
+    assert_eq!(sha("a", "1", "kernels"), sha("b", "1", "kernels"));
+    assert_ne!(sha("a", "1", "kernels"), sha("c", "2", "kernels"));
+    // Candle's autograd, kept as `--engine candle`, is deterministic too.
+    assert_eq!(sha("d", "1", "candle"), sha("e", "1", "candle"));
 }
