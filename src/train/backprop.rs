@@ -1,8 +1,8 @@
 //! Training's forward and backward passes written out by hand, on plain `f32` buffers.
 //!
-//! Candle's autograd records every op of the unrolled network as its own tensor (about 40 ops a
-//! step for 30 steps and three LSTMs) and spends most of a training step allocating them and in
-//! glibc's `tanhf`. Here one step is: the forward pass keeping what the backward pass needs
+//! Candle's autograd records every op of the unrolled network as its own tensor (over a dozen
+//! per LSTM step, 30 steps, three LSTMs) and spends most of a training step allocating them and
+//! in glibc's `tanhf`. Here one step is: the forward pass keeping what the backward pass needs
 //! (gate activations, cells, hidden states, attention weights), then backpropagation through
 //! time with the whole-sequence products done once per layer (`X^T·dG`, `dG·W^T`, `H^T·dG`) and
 //! only the recurrent product left per step, on weights packed once per optimiser step for the

@@ -72,6 +72,17 @@ impl WindowSet {
         &self.data[i * n..(i + 1) * n]
     }
 
+    /// The windows `idx` as a training batch: their data, real lengths and 0/1 targets.
+    pub fn batch(&self, idx: &[usize]) -> (Vec<&[f32]>, Vec<usize>, Vec<f32>) {
+        (
+            idx.iter().map(|&i| self.get(i)).collect(),
+            idx.iter().map(|&i| self.lens[i]).collect(),
+            idx.iter()
+                .map(|&i| f32::from(u8::from(self.labels[i])))
+                .collect(),
+        )
+    }
+
     /// The windows of the cards `keep` selects (all their transactions, so prevalence stays
     /// natural): a cheaper stand-in for the whole set when only a ranking metric is needed.
     pub fn cards_subset(&self, keep: impl Fn(&str) -> bool) -> WindowSet {

@@ -273,12 +273,7 @@ fn kernel_step(
         if part.is_empty() {
             return None;
         }
-        let ws: Vec<&[f32]> = part.iter().map(|&i| train.get(i)).collect();
-        let lens: Vec<usize> = part.iter().map(|&i| train.lens[i]).collect();
-        let y: Vec<f32> = part
-            .iter()
-            .map(|&i| f32::from(u8::from(train.labels[i])))
-            .collect();
+        let (ws, lens, y) = train.batch(part);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         Some(net_ref.loss_and_gradients(&ws, &lens, &y, loss_fn, Some(&mut rng)))
     };
@@ -317,12 +312,7 @@ fn data_parallel_step(
             .zip(seeds)
             .map(|(part, seed)| {
                 scope.spawn(move || -> candle_core::Result<(GradStore, f32, usize)> {
-                    let ws: Vec<&[f32]> = part.iter().map(|&i| train.get(i)).collect();
-                    let lens: Vec<usize> = part.iter().map(|&i| train.lens[i]).collect();
-                    let y: Vec<f32> = part
-                        .iter()
-                        .map(|&i| f32::from(u8::from(train.labels[i])))
-                        .collect();
+                    let (ws, lens, y) = train.batch(part);
                     let batch = Batch::new(&ws, &lens, cfg.window, cfg.input, &Device::Cpu)?;
                     let mut rng = ChaCha8Rng::seed_from_u64(seed);
                     let out = model.forward(&batch, Some(&mut rng))?;
