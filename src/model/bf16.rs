@@ -184,6 +184,12 @@ mod x86 {
         n: usize,
     ) {
         assert!((r0 + R) * kp <= a.len() && (p + Q) * kp * NR <= data.len());
+        // The output lines added to at the end, asked for now (as the f32 kernel does).
+        for r in 0..R {
+            for q in 0..Q {
+                crate::model::kernel::prefetch(&out[(r0 + r) * n + (p + q) * NR..]);
+            }
+        }
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); Q]; R];
             for i in 0..kp {

@@ -427,7 +427,7 @@ fn block<L: Lanes, const R: usize, const Q: usize>(
 /// Asks the CPU to bring the cache lines of `x`'s first [`NR`] floats into L1 (a hint: no
 /// effect on results, nothing on other architectures).
 #[inline(always)]
-fn prefetch(x: &[f32]) {
+pub(crate) fn prefetch(x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
