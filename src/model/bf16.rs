@@ -79,6 +79,17 @@ thread_local! {
 /// `out [m, n] += a [m, k] · w` with `a` (row stride `lda`) and `w` rounded to bf16 and f32
 /// accumulation. Panics unless [`available`].
 pub fn matmul_acc(a: &[f32], m: usize, lda: usize, w: &PackedBf16, out: &mut [f32]) {
+    product(a, m, lda, w, None, out)
+}
+
+/// `out [m, n] = bias + a [m, k] · w` (as [`matmul_acc`]; `out` is written, never read, as
+/// [`super::kernel::matmul_bias`]).
+pub fn matmul_bias(a: &[f32], m: usize, lda: usize, w: &PackedBf16, bias: &[f32], out: &mut [f32]) {
+    assert_eq!(bias.len(), w.n, "bias length");
+    product(a, m, lda, w, Some(bias), out)
+}
+
+fn product(a: &[f32], m: usize, lda: usize, w: &PackedBf16, bias: Option<&[f32]>, out: &mut [f32]) {
     assert!(
         lda >= w.k && (m == 0 || a.len() >= (m - 1) * lda + w.k),
         "matmul input shape"
@@ -98,7 +109,7 @@ pub fn matmul_acc(a: &[f32], m: usize, lda: usize, w: &PackedBf16, out: &mut [f3
                 let row = &a[r * lda..r * lda + w.k];
                 x86::to_pairs(row, &mut buf[r * kp..(r + 1) * kp]);
             }
-            x86::matmul(&buf[..m * kp], m, kp, w, out)
+            x86::matmul(&buf[..m * kp], m, kp, w, bias, out)
         }
     });
 }
@@ -140,7 +151,14 @@ mod x86 {
     }
 
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn matmul(a: &[u32], m: usize, kp: usize, w: &PackedBf16, out: &mut [f32]) {
+    pub(super) unsafe fn matmul(
+        a: &[u32],
+        m: usize,
+        kp: usize,
+        w: &PackedBf16,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
         let n = w.n;
         let panels = n.div_ceil(NR);
         let full = m - m % ROWS;
@@ -151,9 +169,9 @@ mod x86 {
             while r0 < full {
                 // SAFETY (all calls): this function runs only with AVX512_BF16.
                 if q == PANELS {
-                    unsafe { block::<ROWS, PANELS>(a, r0, kp, &w.data, p, out, n) };
+                    unsafe { block::<ROWS, PANELS>(a, r0, kp, &w.data, p, bias, out, n) };
                 } else {
-                    unsafe { block::<ROWS, 1>(a, r0, kp, &w.data, p, out, n) };
+                    unsafe { block::<ROWS, 1>(a, r0, kp, &w.data, p, bias, out, n) };
                 }
                 r0 += ROWS;
             }
@@ -162,24 +180,27 @@ mod x86 {
         for r in full..m {
             let mut p = 0;
             while p + 4 <= panels {
-                unsafe { block::<1, 4>(a, r, kp, &w.data, p, out, n) };
+                unsafe { block::<1, 4>(a, r, kp, &w.data, p, bias, out, n) };
                 p += 4;
             }
             while p < panels {
-                unsafe { block::<1, 1>(a, r, kp, &w.data, p, out, n) };
+                unsafe { block::<1, 1>(a, r, kp, &w.data, p, bias, out, n) };
                 p += 1;
             }
         }
     }
 
-    /// `R` rows from `r0` times `Q` panels from `p`, accumulated in registers.
+    /// `R` rows from `r0` times `Q` panels from `p`, accumulated in registers (from the bias
+    /// and stored, or from zero and added).
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block<const R: usize, const Q: usize>(
         a: &[u32],
         r0: usize,
         kp: usize,
         data: &[u32],
         p: usize,
+        bias: Option<&[f32]>,
         out: &mut [f32],
         n: usize,
     ) {
@@ -191,7 +212,16 @@ mod x86 {
             }
         }
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); Q]; R];
+            let mask = |c0: usize| (1u32 << NR.min(n - c0)).wrapping_sub(1) as u16;
+            let init: [__m512; Q] = std::array::from_fn(|q| {
+                let c0 = (p + q) * NR;
+                match bias {
+                    // A masked load reads only the bias's lanes.
+                    Some(b) => _mm512_maskz_loadu_ps(mask(c0), b[c0..].as_ptr()),
+                    None => _mm512_setzero_ps(),
+                }
+            });
+            let mut acc = [init; R];
             for i in 0..kp {
                 let wv: [__m512bh; Q] = std::array::from_fn(|q| {
                     let v = _mm512_loadu_si512(data.as_ptr().add(((p + q) * kp + i) * NR).cast());
@@ -210,9 +240,12 @@ mod x86 {
                     let c0 = (p + q) * NR;
                     let cols = NR.min(n - c0);
                     let o = &mut out[(r0 + r) * n + c0..(r0 + r) * n + c0 + cols];
-                    let mut lanes = [0f32; NR];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
-                    o.iter_mut().zip(lanes).for_each(|(o, x)| *o += x);
+                    // Masked loads and stores touch only the lanes inside `o`.
+                    let sum = match bias {
+                        Some(_) => *acc,
+                        None => _mm512_add_ps(_mm512_maskz_loadu_ps(mask(c0), o.as_ptr()), *acc),
+                    };
+                    _mm512_mask_storeu_ps(o.as_mut_ptr(), mask(c0), sum);
                 }
             }
         }
@@ -275,8 +308,14 @@ mod tests {
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let packed = PackedBf16::new(&w, k, n);
             let mut got = vec![0.5f32; m * n];
-            matmul_acc(&a, m, k, &PackedBf16::new(&w, k, n), &mut got);
+            matmul_acc(&a, m, k, &packed, &mut got);
+            // From the bias, over whatever `out` held (never read), nothing past the m rows.
+            let mut from_bias = vec![f32::NAN; m * n + 1];
+            matmul_bias(&a, m, k, &packed, &bias, &mut from_bias);
+            assert!(from_bias[m * n].is_nan(), "wrote past the output");
             for i in 0..m {
                 for j in 0..n {
                     let want: f64 = (0..k).map(|kk| r(a[i * k + kk]) * r(w[kk * n + j])).sum();
@@ -284,6 +323,11 @@ mod tests {
                     assert!(
                         (g - want).abs() < 1e-4,
                         "{m}x{k}x{n} [{i},{j}]: {g} vs {want}"
+                    );
+                    let g = (from_bias[i * n + j] - bias[j]) as f64;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "{m}x{k}x{n} [{i},{j}] with bias: {g} vs {want}"
                     );
                 }
             }

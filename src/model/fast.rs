@@ -160,25 +160,30 @@ impl DenseW {
 
     /// `out [rows, output] = x [rows, input] · kernel + bias`, `x` with row stride `ldx`.
     fn apply(&self, x: &[f32], ldx: usize, rows: usize, out: &mut [f32], path: ForwardPath) {
-        for r in 0..rows {
-            out[r * self.output..(r + 1) * self.output].copy_from_slice(&self.bias);
-        }
+        let out = &mut out[..rows * self.output];
         match path {
-            ForwardPath::Kernel(isa) => kernel::matmul_acc(isa, x, rows, ldx, &self.packed, out),
+            ForwardPath::Kernel(isa) => {
+                kernel::matmul_bias(isa, x, rows, ldx, &self.packed, &self.bias, out)
+            }
             ForwardPath::Bf16 => {
                 let w = self
                     .bf16
                     .get_or_init(|| PackedBf16::new(&self.kernel, self.input, self.output));
-                bf16::matmul_acc(x, rows, ldx, w, out)
+                bf16::matmul_bias(x, rows, ldx, w, &self.bias, out)
             }
-            ForwardPath::Reference => gemm(
-                x,
-                ldx,
-                &self.kernel,
-                out,
-                (rows, self.input, self.output),
-                1.0,
-            ),
+            ForwardPath::Reference => {
+                for row in out.chunks_exact_mut(self.output) {
+                    row.copy_from_slice(&self.bias);
+                }
+                gemm(
+                    x,
+                    ldx,
+                    &self.kernel,
+                    out,
+                    (rows, self.input, self.output),
+                    1.0,
+                )
+            }
         }
     }
 }

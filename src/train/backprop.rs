@@ -125,12 +125,13 @@ impl DenseP {
 
     /// `y [rows, output] = x·kernel + bias`, `x` with row stride `ldx`, `y` with `ldy`.
     fn forward(&self, x: &[f32], ldx: usize, rows: usize, y: &mut [f32], ldy: usize) {
+        if ldy == self.output {
+            let y = &mut y[..rows * ldy];
+            kernel::matmul_bias(kernel::isa(), x, rows, ldx, &self.packed, &self.bias, y);
+            return;
+        }
         for r in 0..rows {
             y[r * ldy..r * ldy + self.output].copy_from_slice(&self.bias);
-        }
-        if ldy == self.output {
-            kernel::matmul_acc(kernel::isa(), x, rows, ldx, &self.packed, y);
-            return;
         }
         mm(
             (rows, self.input, self.output),
