@@ -768,6 +768,7 @@ pub struct AttentionRows<'a> {
 pub struct AttentionScratch {
     kt: Vec<f32>,
     s: Vec<f32>,
+    v: Vec<f32>,
 }
 
 /// Dot-product self-attention of one window: for each step `tq`, the softmax over real steps of
@@ -802,7 +803,7 @@ pub fn attention(
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { attend_avx2(at, out, out_stride, last, scratch) },
-        _ => attend(at, out, out_stride, last, scratch),
+        _ => attend::<false>(at, out, out_stride, last, scratch),
     }
 }
 
@@ -815,7 +816,7 @@ unsafe fn attend_avx512(
     last: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
-    attend(at, out, out_stride, last, scratch)
+    attend::<true>(at, out, out_stride, last, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -827,11 +828,11 @@ unsafe fn attend_avx2(
     last: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
-    attend(at, out, out_stride, last, scratch)
+    attend::<true>(at, out, out_stride, last, scratch)
 }
 
 #[inline(always)]
-fn attend<'a>(
+fn attend<'a, const FUSED: bool>(
     at: &AttentionRows<'a>,
     out: &mut [f32],
     out_stride: usize,
@@ -861,9 +862,20 @@ fn attend<'a>(
             kt[j * tp + tk] = x;
         }
     }
+    // The values, contiguous: a window's time-major rows lie a batch apart, at a multiple of
+    // 4 KiB for batches of 16 or more, so they all map to the same few L1 sets and evicted one
+    // another on every pass of the weighted sums (those took half the attention's time).
+    if scratch.v.len() < a * t {
+        scratch.v.resize(a * t, 0.0);
+    }
+    let vs = &mut scratch.v[..a * t];
+    for tk in real..t {
+        vs[tk * a..(tk + 1) * a].copy_from_slice(row(at.v, tk));
+    }
+    let vs = &*vs;
     let s = &mut scratch.s[..tp];
     for tq in 0..t {
-        scores(row(at.q, tq), kt, tp, s);
+        scores::<FUSED>(row(at.q, tq), kt, tp, s);
         let max = s[real..t].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         for (tk, x) in s.iter_mut().enumerate() {
             // Padding weighs nothing.
@@ -873,10 +885,10 @@ fn attend<'a>(
                 0.0
             };
         }
-        let sum: f32 = s[..t].iter().sum();
-        s.iter_mut().for_each(|x| *x /= sum);
+        let inv = 1.0 / s[..t].iter().sum::<f32>();
+        s.iter_mut().for_each(|x| *x *= inv);
         let o = &mut out[tq * out_stride..tq * out_stride + a];
-        weighted_sum(&s[real..t], |tk| row(at.v, real + tk), o);
+        weighted_sum::<FUSED>(&s[real..t], |tk| &vs[(real + tk) * a..][..a], o);
     }
     last.copy_from_slice(&s[..t]);
 }
@@ -884,7 +896,7 @@ fn attend<'a>(
 /// `s[tk] = q · kt[.., tk]` for the `tp` columns of the transposed keys `kt [q.len(), tp]`:
 /// four independent partial sums per lane (registers, not memory, carry the sums).
 #[inline(always)]
-fn scores(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
+fn scores<const FUSED: bool>(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
     let a = q.len();
     for c in 0..tp / NR {
         let col = |j: usize| -> &[f32; NR] {
@@ -897,7 +909,9 @@ fn scores(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
         while j + 4 <= a {
             for (u, acc) in acc.iter_mut().enumerate() {
                 let (qj, kj) = (q[j + u], col(j + u));
-                acc.iter_mut().zip(kj).for_each(|(x, k)| *x += qj * k);
+                acc.iter_mut()
+                    .zip(kj)
+                    .for_each(|(x, k)| *x = madd::<FUSED>(qj, *k, *x));
             }
             j += 4;
         }
@@ -905,7 +919,7 @@ fn scores(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
             acc[0]
                 .iter_mut()
                 .zip(col(j))
-                .for_each(|(x, k)| *x += qj * k);
+                .for_each(|(x, k)| *x = madd::<FUSED>(qj, *k, *x));
         }
         for (l, x) in s[c * NR..(c + 1) * NR].iter_mut().enumerate() {
             *x = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
@@ -915,7 +929,11 @@ fn scores(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
 
 /// `out = Σ_i w[i] · rows(i)` over `out.len()` columns, four lane groups at a time in registers.
 #[inline(always)]
-fn weighted_sum<'r>(w: &[f32], rows: impl Fn(usize) -> &'r [f32], out: &mut [f32]) {
+fn weighted_sum<'r, const FUSED: bool>(
+    w: &[f32],
+    rows: impl Fn(usize) -> &'r [f32],
+    out: &mut [f32],
+) {
     let a = out.len();
     let mut c0 = 0;
     while c0 + 4 * NR <= a {
@@ -923,7 +941,9 @@ fn weighted_sum<'r>(w: &[f32], rows: impl Fn(usize) -> &'r [f32], out: &mut [f32
         for (i, &wi) in w.iter().enumerate() {
             let r = &rows(i)[c0..c0 + 4 * NR];
             for (acc, r) in acc.iter_mut().zip(r.chunks_exact(NR)) {
-                acc.iter_mut().zip(r).for_each(|(x, v)| *x += wi * v);
+                acc.iter_mut()
+                    .zip(r)
+                    .for_each(|(x, v)| *x = madd::<FUSED>(wi, *v, *x));
             }
         }
         for (o, acc) in out[c0..c0 + 4 * NR].chunks_exact_mut(NR).zip(&acc) {
@@ -935,7 +955,9 @@ fn weighted_sum<'r>(w: &[f32], rows: impl Fn(usize) -> &'r [f32], out: &mut [f32
         let mut acc = [0f32; NR];
         for (i, &wi) in w.iter().enumerate() {
             let r = &rows(i)[c0..c0 + NR];
-            acc.iter_mut().zip(r).for_each(|(x, v)| *x += wi * v);
+            acc.iter_mut()
+                .zip(r)
+                .for_each(|(x, v)| *x = madd::<FUSED>(wi, *v, *x));
         }
         out[c0..c0 + NR].copy_from_slice(&acc);
         c0 += NR;
