@@ -188,6 +188,49 @@ impl DenseW {
     }
 }
 
+impl DenseW {
+    /// [`DenseW::apply`] on the real rows of time-major `x [T, B]` only: step `t`'s real rows
+    /// are its first `active[t]` (the batch is sorted longest window first), and `active` is
+    /// non-decreasing (left padding). Padding rows of `out` are left as they were. Below
+    /// [`PER_STEP_ROWS`] windows one product covers every row from the first step with a real
+    /// one (one row a step would make 30 one-row products); above, one product a step until
+    /// every window is real, then one for the remaining steps (full windows: one product, as
+    /// without padding).
+    fn apply_steps(
+        &self,
+        x: &[f32],
+        ldx: usize,
+        b: usize,
+        active: &[usize],
+        out: &mut [f32],
+        path: ForwardPath,
+    ) {
+        let t_len = active.len();
+        let t0 = active.iter().position(|&n| n > 0).unwrap_or(t_len);
+        // From here on every row is real: one product over all of them.
+        let full = if b < PER_STEP_ROWS {
+            t0
+        } else {
+            active.iter().position(|&n| n == b).unwrap_or(t_len)
+        };
+        let o = self.output;
+        for (t, &n) in active.iter().enumerate().take(full).skip(t0) {
+            self.apply(&x[t * b * ldx..], ldx, n, &mut out[t * b * o..], path);
+        }
+        let rows = (t_len - full) * b;
+        self.apply(
+            &x[full * b * ldx..],
+            ldx,
+            rows,
+            &mut out[full * b * o..],
+            path,
+        );
+    }
+}
+
+/// From this many windows a batch's products run step by step on the real rows only.
+const PER_STEP_ROWS: usize = 16;
+
 #[derive(Debug, Clone)]
 struct LstmW {
     input_w: DenseW,
@@ -209,62 +252,62 @@ struct Rows<'a> {
 }
 
 impl LstmW {
-    /// Runs over `T` steps of `b` windows; `lens[i]` real steps end each window (left padding):
-    /// on padding the state carries over unchanged. `gx` and `c` are scratch.
+    /// Runs over `T` steps of `b` windows, sorted longest first so that step `t`'s real rows
+    /// are its first `active[t]` (left padding: `active` is non-decreasing and `active[T-1]`
+    /// is `b`). Only real rows are computed: a window's state starts at zero on its first real
+    /// step (the forward direction) and is never read after its last (the backward one), so
+    /// nothing carries over padding, and padding rows of `out` keep whatever they held (no
+    /// later layer reads them: the attention masks them and LSTM 2 skips them too). `gx` and
+    /// `c` are scratch.
     #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         rows: Rows<'_>,
-        t_len: usize,
-        lens: &[usize],
+        b: usize,
+        active: &[usize],
         reverse: bool,
         out: &mut [f32],
         gx: &mut Vec<f32>,
         c: &mut Vec<f32>,
         path: ForwardPath,
     ) {
-        let b = lens.len();
+        let t_len = active.len();
         let (h4, hd) = (4 * self.hidden, self.hidden);
         let Rows { x, ldx, ldo, col } = rows;
-        // Input projections of every step at once (bias included).
+        // Input projections of every real row (bias included).
         let gx = scratch(gx, t_len * b * h4);
-        self.input_w.apply(x, ldx, t_len * b, gx, path);
+        self.input_w.apply_steps(x, ldx, b, active, gx, path);
         let c = scratch(c, b * hd);
         c.fill(0.0);
-        let keep = |t: usize, i: usize| t + lens[i] >= t_len;
         let row = |t: usize, i: usize| (t * b + i) * ldo + col;
-        let mut prev: Option<usize> = None;
+        // The previous step computed and its real rows.
+        let mut prev: Option<(usize, usize)> = None;
         for step in 0..t_len {
             let t = if reverse { t_len - 1 - step } else { step };
-            let g = &mut gx[t * b * h4..(t + 1) * b * h4];
-            let any = (0..b).any(|i| keep(t, i));
-            if any && let Some(p) = prev {
-                // The recurrent product of the previous step's hidden states (zero at the
-                // first step, so nothing to add).
-                let h = &out[row(p, 0)..];
+            let n = active[t];
+            if n == 0 {
+                continue;
+            }
+            let g = &mut gx[t * b * h4..(t * b + n) * h4];
+            if let Some((p, np)) = prev {
+                // The recurrent product of the rows that were real at the previous step (the
+                // rest start here, from zero).
+                let (h, m) = (&out[row(p, 0)..], n.min(np));
                 match path {
                     ForwardPath::Kernel(isa) => {
-                        kernel::matmul_acc(isa, h, b, ldo, &self.recurrent_packed, g)
+                        kernel::matmul_acc(isa, h, m, ldo, &self.recurrent_packed, g)
                     }
-                    ForwardPath::Reference => gemm(h, ldo, &self.recurrent, g, (b, hd, h4), 1.0),
+                    ForwardPath::Reference => gemm(h, ldo, &self.recurrent, g, (m, hd, h4), 1.0),
                     ForwardPath::Bf16 => {
                         let w = self
                             .recurrent_bf16
                             .get_or_init(|| PackedBf16::new(&self.recurrent, hd, h4));
-                        bf16::matmul_acc(h, b, ldo, w, g)
+                        bf16::matmul_acc(h, m, ldo, w, g)
                     }
                 }
             }
-            for i in 0..b {
+            for i in 0..n {
                 let o = row(t, i);
-                if !keep(t, i) {
-                    // Padding: the state carries over (zero before the first real step).
-                    match prev {
-                        Some(p) => out.copy_within(row(p, i)..row(p, i) + hd, o),
-                        None => out[o..o + hd].fill(0.0),
-                    }
-                    continue;
-                }
                 let gi = &g[i * h4..(i + 1) * h4];
                 let (hi, ci) = (&mut out[o..o + hd], &mut c[i * hd..(i + 1) * hd]);
                 match path.isa() {
@@ -281,7 +324,7 @@ impl LstmW {
                     }
                 }
             }
-            prev = Some(t);
+            prev = Some((t, n));
         }
     }
 }
@@ -312,6 +355,11 @@ struct Scratch {
     hs2: Vec<f32>,
     hidden: Vec<f32>,
     window: kernel::AttentionScratch,
+    /// The batch's windows, longest first, and each step's count of real rows.
+    order: Vec<usize>,
+    active: Vec<usize>,
+    /// Scores in that order.
+    sorted: Vec<f32>,
 }
 
 thread_local! {
@@ -452,11 +500,26 @@ impl FastModel {
         let cfg = &self.cfg;
         let (t_len, b, f) = (cfg.window, windows.len(), cfg.input);
         let rows = t_len * b;
-        // Time-major input [T, B, F].
+        // Longest window first: then each step's real rows are a prefix of the batch, and
+        // every layer computes those alone (a stream's windows are short until its cards have
+        // 30 transactions; computing their padding cost as much as full windows). Windows are
+        // independent, so the order changes no score.
+        let len = |i: usize| lens[i].clamp(1, t_len);
+        let order = &mut s.order;
+        order.clear();
+        order.extend(0..b);
+        order.sort_unstable_by_key(|&i| std::cmp::Reverse(len(i)));
+        let active = &mut s.active;
+        active.clear();
+        active.extend((0..t_len).map(|t| order.partition_point(|&i| len(i) + t >= t_len)));
+        let (order, active) = (&*order, &*active);
+        // Time-major input [T, B, F], in that order.
         let xs = scratch(&mut s.xs, rows * f);
-        for (i, w) in windows.iter().enumerate() {
+        for (pos, &i) in order.iter().enumerate() {
+            let w = windows[i];
             for t in 0..t_len {
-                xs[(t * b + i) * f..(t * b + i + 1) * f].copy_from_slice(&w[t * f..(t + 1) * f]);
+                xs[(t * b + pos) * f..(t * b + pos + 1) * f]
+                    .copy_from_slice(&w[t * f..(t + 1) * f]);
             }
         }
         // LSTM 2's input rows [T, B, seq + attention]: the forward and backward hidden states
@@ -479,7 +542,7 @@ impl FastModel {
                         col: 0,
                     };
                     let (gx, c) = (&mut s.gx, &mut s.c);
-                    self.forward.run(input, t_len, lens, false, x2, gx, c, path)
+                    self.forward.run(input, b, active, false, x2, gx, c, path)
                 },
                 || {
                     let input = Rows {
@@ -489,7 +552,7 @@ impl FastModel {
                         col: 0,
                     };
                     self.backward
-                        .run(input, t_len, lens, true, hb, gx_b, c_b, path)
+                        .run(input, b, active, true, hb, gx_b, c_b, path)
                 },
             );
             for (r, h) in hb.chunks_exact(h1).enumerate() {
@@ -503,17 +566,17 @@ impl FastModel {
                     ldo: x2w,
                     col,
                 };
-                lstm.run(input, t_len, lens, reverse, x2, &mut s.gx, &mut s.c, path);
+                lstm.run(input, b, active, reverse, x2, &mut s.gx, &mut s.c, path);
             }
         }
         let q = scratch(&mut s.q, rows * a);
         let k = scratch(&mut s.k, rows * a);
         let v = scratch(&mut s.v, rows * a);
-        self.query.apply(x2, x2w, rows, q, path);
-        self.key.apply(x2, x2w, rows, k, path);
-        self.value.apply(x2, x2w, rows, v, path);
-        for i in 0..b {
-            let first_real = t_len - lens[i].min(t_len);
+        self.query.apply_steps(x2, x2w, b, active, q, path);
+        self.key.apply_steps(x2, x2w, b, active, k, path);
+        self.value.apply_steps(x2, x2w, b, active, v, path);
+        for (i, &window) in order.iter().enumerate() {
+            let first_real = t_len - len(window);
             let at = kernel::AttentionRows {
                 q,
                 k,
@@ -525,7 +588,7 @@ impl FastModel {
                 first_real,
             };
             let out = &mut x2[i * x2w + seq_w..];
-            let last = &mut attention[i];
+            let last = &mut attention[window];
             last.resize(t_len, 0.0);
             match path.isa() {
                 Some(isa) => kernel::attention(isa, &at, out, b * x2w, last, &mut s.window),
@@ -541,13 +604,17 @@ impl FastModel {
             col: 0,
         };
         self.lstm2
-            .run(input, t_len, lens, false, hs2, &mut s.gx, &mut s.c, path);
+            .run(input, b, active, false, hs2, &mut s.gx, &mut s.c, path);
+        // Every window is real at the last step.
         let last = &hs2[(t_len - 1) * b * h2..];
         let hidden = scratch(&mut s.hidden, b * cfg.dense);
         self.dense.apply(last, h2, b, hidden, path);
         hidden.iter_mut().for_each(|x| *x = x.max(0.0));
-        self.out.apply(hidden, cfg.dense, b, scores, path);
-        scores.iter_mut().for_each(|x| *x = sigmoid(*x));
+        let sorted = scratch(&mut s.sorted, b);
+        self.out.apply(hidden, cfg.dense, b, sorted, path);
+        for (&i, &x) in order.iter().zip(sorted.iter()) {
+            scores[i] = sigmoid(x);
+        }
     }
 }
 
@@ -565,7 +632,7 @@ fn reference_attention(
         m[o..o + a].to_vec()
     };
     let mut weights = vec![0f32; t_len];
-    for tq in 0..t_len {
+    for tq in at.first_real..t_len {
         let qv = row(at.q, tq);
         let mut max = f32::NEG_INFINITY;
         for (tk, w) in weights.iter_mut().enumerate() {

@@ -771,9 +771,9 @@ pub struct AttentionScratch {
     v: Vec<f32>,
 }
 
-/// Dot-product self-attention of one window: for each step `tq`, the softmax over real steps of
-/// `q[tq]·k[tk]`, and `out[tq * out_stride..][..width]` = the weighted sum of `v`; `last` gets
-/// the last step's weights. The keys are transposed once so each query's scores are a vector
+/// Dot-product self-attention of one window: for each real step `tq`, the softmax over real
+/// steps of `q[tq]·k[tk]`, and `out[tq * out_stride..][..width]` = the weighted sum of `v`
+/// (padding steps' rows of `out` are left as they were); `last` gets the last step's weights. The keys are transposed once so each query's scores are a vector
 /// product over steps, and every loop is one the compiler vectorises for `isa`.
 pub fn attention(
     isa: Isa,
@@ -874,7 +874,9 @@ fn attend<'a, const FUSED: bool>(
     }
     let vs = &*vs;
     let s = &mut scratch.s[..tp];
-    for tq in 0..t {
+    // Padding steps' queries are not asked for (their rows are not computed, and no later
+    // layer reads their outputs).
+    for tq in real..t {
         scores::<FUSED>(row(at.q, tq), kt, tp, s);
         let max = s[real..t].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         for (tk, x) in s.iter_mut().enumerate() {
@@ -1092,7 +1094,12 @@ mod tests {
                         &mut last,
                         &mut AttentionScratch::default(),
                     );
-                    for tq in 0..t {
+                    // Padding steps' query rows are left alone.
+                    for tq in 0..first_real {
+                        let row = &out[tq * stride..(tq + 1) * stride];
+                        assert!(row.iter().all(|&x| x == 9.0), "wrote a padding row");
+                    }
+                    for tq in first_real..t {
                         let q = at_row(&m[0], tq);
                         let e: Vec<f64> = (0..t)
                             .map(|tk| {
