@@ -155,9 +155,12 @@ impl RunStats {
     /// benchmark's measure: diluted neither by start-up, where a consumer group's join waits
     /// out the broker's rebalance delay, nor by the time a run takes to notice it is done and
     /// shut down). The scored count over the span: the first decision's batch arrived with the
-    /// span's start, and a run is thousands of decisions long.
+    /// span's start, and a run is thousands of decisions long. A run decided in one instant
+    /// (a single batch) counts from the start instead.
     pub fn decided_throughput(&self) -> f64 {
-        self.scored as f64 / (self.decided_s - self.first_decided_s).max(1e-9)
+        let span = self.decided_s - self.first_decided_s;
+        let span = if span > 0.0 { span } else { self.decided_s };
+        self.scored as f64 / span.max(1e-9)
     }
 
     /// Precision against labels; 0 before any labelled alert (printed, not exported).
@@ -218,6 +221,13 @@ mod tests {
     fn stats_read_the_metrics_and_latency_percentiles() {
         let m = Arc::new(Metrics::new(prometheus::Registry::new()).unwrap());
         let run = Run::new(m.clone());
+        let one_instant = RunStats {
+            scored: 5,
+            first_decided_s: 2.0,
+            decided_s: 2.0,
+            ..RunStats::default()
+        };
+        assert_eq!(one_instant.decided_throughput(), 2.5, "from the start");
         m.scored(true);
         m.scored(false);
         m.dead_lettered("invalid_json");
