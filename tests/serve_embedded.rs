@@ -288,13 +288,12 @@ fn serving_scores_equal_offline_evaluation_scores() {
     }
 }
 
-/// `--precision bf16` (this machine has AVX512_BF16) serves scores within 2e-2 of f32 offline
-/// evaluation, and not all identical (the flag reaches the scoring path).
-#[test]
-fn bf16_serving_scores_close_to_f32_evaluation() {
+/// `serve --precision P` serves scores within 2e-2 of f32 offline evaluation, and not all
+/// identical (the flag reaches the scoring path).
+fn reduced_precision_serving_close_to_f32_evaluation(precision: &str) {
     let dir = tempfile::tempdir().unwrap();
     let input = simulate(dir.path(), "cards.csv", &["--days", "6", "--cards", "150"]);
-    let (_, scores, _, _) = serve(&input, dir.path(), &["--precision", "bf16"]);
+    let (_, scores, _, _) = serve(&input, dir.path(), &["--precision", precision]);
     let offline = dir.path().join("offline.csv");
     fraudstream()
         .args([
@@ -315,10 +314,22 @@ fn bf16_serving_scores_close_to_f32_evaluation() {
     for s in &scores {
         let id = s["transaction_id"].as_str().unwrap();
         let d = (s["score"].as_f64().unwrap() - expected[id]).abs();
-        assert!(d < 2e-2, "{id}: bf16 differs by {d}");
+        assert!(d < 2e-2, "{id}: {precision} differs by {d}");
         differ += usize::from(d > 2e-6);
     }
-    assert!(differ > 0, "no score changed: bf16 did not run");
+    assert!(differ > 0, "no score changed: {precision} did not run");
+}
+
+/// This machine has AVX512_BF16.
+#[test]
+fn bf16_serving_scores_close_to_f32_evaluation() {
+    reduced_precision_serving_close_to_f32_evaluation("bf16");
+}
+
+/// This machine has AVX512_VNNI.
+#[test]
+fn int8_serving_scores_close_to_f32_evaluation() {
+    reduced_precision_serving_close_to_f32_evaluation("int8");
 }
 
 /// `--log-format json` (here through its environment variable): every stderr line is one JSON

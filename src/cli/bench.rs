@@ -231,6 +231,7 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
     let network = FastModel::new(&cfg, &weights(&varmap)?)?;
     let flops = cfg.flops_per_window();
     let isa = crate::model::kernel::isa().name();
+    let precision = format!("{:?}", crate::model::precision()).to_lowercase();
     let mut inference = serde_json::Map::new();
     let mut gflops = serde_json::Map::new();
     for batch in [1usize, 32, 256] {
@@ -239,7 +240,8 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         if !args.json {
             println!(
                 "inference batch {batch:>3}: {rate:>8.0} windows/s, {achieved:>6.1} GFLOP/s \
-                 (30 features, window 30, {:.1} MFLOP a window, {isa} kernels)",
+                 (30 features, window 30, {:.1} MFLOP a window, {isa} kernels, {precision} \
+                 products)",
                 flops as f64 / 1e6
             );
         }
@@ -291,10 +293,7 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         ("inference_gflop_per_s", gflops.into()),
         ("inference_flop_per_window", json!(flops)),
         ("inference_isa", json!(isa)),
-        (
-            "inference_precision",
-            json!(format!("{:?}", crate::model::precision()).to_lowercase()),
-        ),
+        ("inference_precision", json!(precision)),
     ])
 }
 

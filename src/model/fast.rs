@@ -16,6 +16,7 @@ use candle_core::Tensor;
 
 use super::bf16::{self, PackedBf16};
 use super::config::ModelConfig;
+use super::int8::{self, PackedI8};
 use super::kernel::{self, Isa, Packed};
 use super::pool;
 
@@ -34,6 +35,10 @@ pub enum ForwardPath {
     /// Every matrix product in bfloat16 with f32 accumulation (AVX512_BF16, [`super::bf16`]),
     /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
     Bf16,
+    /// The products of hidden states (recurrent, attention projections, LSTM 2's input) in
+    /// 8-bit integers (AVX512_VNNI, [`super::int8`]); the raw features' projection, the dense
+    /// head, activations and attention as [`ForwardPath::Kernel`] with AVX-512.
+    Int8,
 }
 
 /// The arithmetic scoring uses.
@@ -45,6 +50,9 @@ pub enum Precision {
     /// bfloat16 matrix products with f32 accumulation, where the CPU has AVX512_BF16 (see the
     /// README for its speed and what it changes).
     Bf16,
+    /// 8-bit integer products of hidden states (weights per column, activations per row),
+    /// where the CPU has AVX512_VNNI (see the README for its speed and what it changes).
+    Int8,
 }
 
 static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
@@ -54,6 +62,9 @@ static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
 pub fn set_precision(p: Precision) -> Result<(), String> {
     if p == Precision::Bf16 && !super::bf16::available() {
         return Err("--precision bf16 needs a CPU with AVX512_BF16 (this one has none)".into());
+    }
+    if p == Precision::Int8 && !super::int8::available() {
+        return Err("--precision int8 needs a CPU with AVX512_VNNI (this one has none)".into());
     }
     match PRECISION.get_or_init(|| p) {
         set if *set == p => Ok(()),
@@ -71,6 +82,7 @@ impl ForwardPath {
     pub fn scoring() -> Self {
         match precision() {
             Precision::Bf16 => ForwardPath::Bf16,
+            Precision::Int8 => ForwardPath::Int8,
             Precision::F32 => ForwardPath::Kernel(kernel::isa()),
         }
     }
@@ -79,7 +91,7 @@ impl ForwardPath {
     fn isa(self) -> Option<Isa> {
         match self {
             ForwardPath::Kernel(isa) => Some(isa),
-            ForwardPath::Bf16 => Some(Isa::Avx512),
+            ForwardPath::Bf16 | ForwardPath::Int8 => Some(Isa::Avx512),
             ForwardPath::Reference => None,
         }
     }
@@ -140,18 +152,25 @@ struct DenseW {
     packed: Packed,
     /// Packed on first bf16 use.
     bf16: std::sync::OnceLock<PackedBf16>,
+    /// Quantized on first int8 use, if `quantize`.
+    int8: std::sync::OnceLock<PackedI8>,
+    /// Whether the int8 path quantizes this layer (its inputs are hidden states); the others
+    /// stay f32 there.
+    quantize: bool,
     bias: Vec<f32>,
     input: usize,
     output: usize,
 }
 
 impl DenseW {
-    fn new(kernel: Vec<f32>, bias: Vec<f32>, input: usize, output: usize) -> Self {
+    fn new(kernel: Vec<f32>, bias: Vec<f32>, input: usize, output: usize, quantize: bool) -> Self {
         let packed = Packed::new(&kernel, input, output);
         DenseW {
             kernel,
             packed,
             bf16: std::sync::OnceLock::new(),
+            int8: std::sync::OnceLock::new(),
+            quantize,
             bias,
             input,
             output,
@@ -170,6 +189,15 @@ impl DenseW {
                     .bf16
                     .get_or_init(|| PackedBf16::new(&self.kernel, self.input, self.output));
                 bf16::matmul_bias(x, rows, ldx, w, &self.bias, out)
+            }
+            ForwardPath::Int8 if self.quantize => {
+                let w = self
+                    .int8
+                    .get_or_init(|| PackedI8::new(&self.kernel, self.input, self.output));
+                int8::matmul_bias(x, rows, ldx, w, &self.bias, out)
+            }
+            ForwardPath::Int8 => {
+                kernel::matmul_bias(Isa::Avx512, x, rows, ldx, &self.packed, &self.bias, out)
             }
             ForwardPath::Reference => {
                 for row in out.chunks_exact_mut(self.output) {
@@ -237,6 +265,7 @@ struct LstmW {
     recurrent: Vec<f32>,
     recurrent_packed: Packed,
     recurrent_bf16: std::sync::OnceLock<PackedBf16>,
+    recurrent_i8: std::sync::OnceLock<PackedI8>,
     hidden: usize,
 }
 
@@ -303,6 +332,12 @@ impl LstmW {
                             .recurrent_bf16
                             .get_or_init(|| PackedBf16::new(&self.recurrent, hd, h4));
                         bf16::matmul_acc(h, m, ldo, w, g)
+                    }
+                    ForwardPath::Int8 => {
+                        let w = self
+                            .recurrent_i8
+                            .get_or_init(|| PackedI8::new(&self.recurrent, hd, h4));
+                        int8::matmul_acc(h, m, ldo, w, g)
                     }
                 }
             }
@@ -390,7 +425,8 @@ fn take(t: &HashMap<String, Tensor>, name: &str) -> candle_core::Result<Vec<f32>
 impl FastModel {
     /// Copies the named weights (as saved in a bundle) into plain vectors.
     pub fn new(cfg: &ModelConfig, w: &HashMap<String, Tensor>) -> candle_core::Result<Self> {
-        let dense = |p: &str, input: usize, output: usize| -> candle_core::Result<DenseW> {
+        // `quantize`: whether the int8 path quantizes the layer (inputs are hidden states).
+        let dense = |p: &str, input: usize, output: usize, quantize: bool| {
             let (kernel, bias) = (
                 take(w, &format!("{p}.kernel"))?,
                 take(w, &format!("{p}.bias"))?,
@@ -398,17 +434,18 @@ impl FastModel {
             if kernel.len() != input * output || bias.len() != output {
                 return Err(candle_core::Error::Msg(format!("tensor {p}: wrong shape")));
             }
-            Ok(DenseW::new(kernel, bias, input, output))
+            Ok::<_, candle_core::Error>(DenseW::new(kernel, bias, input, output, quantize))
         };
-        let lstm = |p: &str, input: usize, hidden: usize| -> candle_core::Result<LstmW> {
+        let lstm = |p: &str, input: usize, hidden: usize, quantize: bool| {
             let recurrent = take(w, &format!("{p}.recurrent_kernel"))?;
             if recurrent.len() != hidden * 4 * hidden {
                 return Err(candle_core::Error::Msg(format!("tensor {p}: wrong shape")));
             }
-            Ok(LstmW {
-                input_w: dense(p, input, 4 * hidden)?,
+            Ok::<_, candle_core::Error>(LstmW {
+                input_w: dense(p, input, 4 * hidden, quantize)?,
                 recurrent_packed: Packed::new(&recurrent, hidden, 4 * hidden),
                 recurrent_bf16: std::sync::OnceLock::new(),
+                recurrent_i8: std::sync::OnceLock::new(),
                 recurrent,
                 hidden,
             })
@@ -416,14 +453,16 @@ impl FastModel {
         let seq = cfg.seq_width();
         Ok(FastModel {
             cfg: cfg.clone(),
-            forward: lstm("bilstm_forward", cfg.input, cfg.lstm1)?,
-            backward: lstm("bilstm_backward", cfg.input, cfg.lstm1)?,
-            query: dense("attention.query", seq, cfg.attention)?,
-            key: dense("attention.key", seq, cfg.attention)?,
-            value: dense("attention.value", seq, cfg.attention)?,
-            lstm2: lstm("lstm2", seq + cfg.attention, cfg.lstm2)?,
-            dense: dense("dense", cfg.lstm2, cfg.dense)?,
-            out: dense("output", cfg.dense, 1)?,
+            // The raw features' projections and the dense head (one step, a tenth of a
+            // percent of the work) stay f32 on the int8 path.
+            forward: lstm("bilstm_forward", cfg.input, cfg.lstm1, false)?,
+            backward: lstm("bilstm_backward", cfg.input, cfg.lstm1, false)?,
+            query: dense("attention.query", seq, cfg.attention, true)?,
+            key: dense("attention.key", seq, cfg.attention, true)?,
+            value: dense("attention.value", seq, cfg.attention, true)?,
+            lstm2: lstm("lstm2", seq + cfg.attention, cfg.lstm2, true)?,
+            dense: dense("dense", cfg.lstm2, cfg.dense, false)?,
+            out: dense("output", cfg.dense, 1, false)?,
         })
     }
 

@@ -4,6 +4,7 @@ pub mod bf16;
 mod bundle;
 mod config;
 mod fast;
+pub mod int8;
 pub mod kernel;
 mod layers;
 mod network;
@@ -221,15 +222,10 @@ mod tests {
         }
     }
 
-    /// The bf16 path (where the CPU has AVX512_BF16) against the f32 reference: the notebook's
-    /// architecture, random weights, every padding length, at batch 1 and 64. Rounding weights
-    /// and activations to 8 mantissa bits moves scores by about 1e-3; the bound is 2e-2.
-    #[test]
-    fn the_bf16_path_scores_close_to_f32() {
-        if !bf16::available() {
-            eprintln!("AVX512_BF16 not on this CPU: the bf16 path cannot run here");
-            return;
-        }
+    /// A reduced-precision path against the f32 reference: the notebook's architecture,
+    /// random weights, every padding length, at batch 1 and 64; returns the largest score
+    /// difference (attention weights within `bound` too).
+    fn reduced_precision_difference(path: ForwardPath, bound: f32) -> f32 {
         let (window, width) = (30, 30);
         let cfg = ModelConfig::notebook(width, window);
         let (_, varmap) = init(&cfg, 13, &Device::Cpu).unwrap();
@@ -239,22 +235,46 @@ mod tests {
         let data = padded_windows(&mut rng, &lens, window, width);
         let ws: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
         let (s_ref, a_ref) = fast.predict_on(&ws, &lens, ForwardPath::Reference);
-        let (s_all, a_all) = fast.predict_on(&ws, &lens, ForwardPath::Bf16);
+        let (s_all, a_all) = fast.predict_on(&ws, &lens, path);
         let mut worst = 0f32;
         for i in 0..lens.len() {
-            let (s_one, _) = fast.predict_on(&ws[i..=i], &lens[i..=i], ForwardPath::Bf16);
+            let (s_one, _) = fast.predict_on(&ws[i..=i], &lens[i..=i], path);
             for s in [s_all[i], s_one[0]] {
                 worst = worst.max((s - s_ref[i]).abs());
             }
             for t in 0..window {
                 assert!(
-                    (a_all[i][t] - a_ref[i][t]).abs() < 2e-2,
-                    "attention {i},{t}"
+                    (a_all[i][t] - a_ref[i][t]).abs() < bound,
+                    "{path:?}: attention {i},{t}"
                 );
             }
         }
-        assert!(worst < 2e-2, "largest score difference {worst}");
-        assert!(worst > 0.0, "bf16 should round something");
+        assert!(worst < bound, "{path:?}: largest score difference {worst}");
+        assert!(worst > 0.0, "{path:?} should round something");
+        worst
+    }
+
+    /// The bf16 path (where the CPU has AVX512_BF16): rounding weights and activations to 8
+    /// mantissa bits moves scores by about 1e-3; the bound is 2e-2.
+    #[test]
+    fn the_bf16_path_scores_close_to_f32() {
+        if !bf16::available() {
+            eprintln!("AVX512_BF16 not on this CPU: the bf16 path cannot run here");
+            return;
+        }
+        reduced_precision_difference(ForwardPath::Bf16, 2e-2);
+    }
+
+    /// The int8 path (where the CPU has AVX512_VNNI): steps of 1/127 of each row's and
+    /// column's largest value; the bound is 2e-2.
+    #[test]
+    fn the_int8_path_scores_close_to_f32() {
+        if !int8::available() {
+            eprintln!("AVX512_VNNI not on this CPU: the int8 path cannot run here");
+            return;
+        }
+        let worst = reduced_precision_difference(ForwardPath::Int8, 2e-2);
+        eprintln!("int8: largest score difference {worst}");
     }
 
     /// Large batches are split over two threads: same scores as one window at a time.

@@ -1,0 +1,448 @@
+//! 8-bit integer products: weights quantized once per output column (symmetric, `[-127, 127]`),
+//! activations per row as they arrive (dynamic: the row's largest magnitude maps to 127), both
+//! multiplied with AVX512_VNNI's `vpdpbusd` (64 byte multiply-adds into 16 i32 sums per
+//! instruction: four times an f32 FMA's) and converted back to f32 with the two scales.
+//! Opt-in (`--precision int8`), never the default: the README gives its measured effect on
+//! scores and alerts next to its speed.
+//!
+//! `vpdpbusd` multiplies unsigned bytes by signed ones, so a row is stored offset by 128
+//! (`u = round(x / s_row) + 128` in `[1, 255]`) and the offset's contribution, 128 times the
+//! column's sum of quantized weights, is subtracted from each sum before scaling:
+//! `out[r, j] = s_row[r] · s_col[j] · (Σ u·w − 128 Σ w)`. The sums stay far inside i32
+//! (`255 · 127 · k` for any `k` this network has).
+//!
+//! Layout: a `[k, n]` weight matrix in 16-column panels like [`super::kernel::Packed`], each
+//! lane holding four consecutive rows of its column (row `4i` in the lowest byte); each
+//! activation row likewise in groups of four bytes. `k` is padded to a multiple of four with
+//! zero weights.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+use super::kernel::NR;
+
+/// Whether this CPU has AVX512_VNNI (with AVX-512F and BW).
+pub fn available() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The byte offset of the unsigned activations (`u = q + 128`).
+const OFFSET: i32 = 128;
+
+/// A `[k, n]` weight matrix quantized per column and packed in groups of four rows.
+#[derive(Debug, Clone)]
+pub struct PackedI8 {
+    data: Vec<u32>,
+    /// Per column (padded to whole panels): the quantization step.
+    scale: Vec<f32>,
+    /// Per column (padded): 128 times the sum of its quantized weights.
+    corr: Vec<i32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedI8 {
+    /// Quantizes and packs row-major `w [k, n]`.
+    pub fn new(w: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(w.len(), k * n, "packed matrix shape");
+        let (kq, panels) = (k.div_ceil(4), n.div_ceil(NR));
+        let cols = panels * NR;
+        let mut scale = vec![1.0f32; cols];
+        let mut q = vec![0i8; k * cols];
+        let mut corr = vec![0i32; cols];
+        for c in 0..n {
+            let max = (0..k).map(|r| w[r * n + c].abs()).fold(0.0f32, f32::max);
+            if max > 0.0 {
+                scale[c] = max / 127.0;
+            }
+            let mut sum = 0i32;
+            for r in 0..k {
+                let v = (w[r * n + c] / scale[c])
+                    .round_ties_even()
+                    .clamp(-127.0, 127.0) as i8;
+                q[r * cols + c] = v;
+                sum += i32::from(v);
+            }
+            corr[c] = OFFSET * sum;
+        }
+        let at = |r: usize, c: usize| if r < k { q[r * cols + c] as u8 } else { 0 };
+        let mut data = vec![0u32; panels * kq * NR];
+        for p in 0..panels {
+            for i in 0..kq {
+                for j in 0..NR {
+                    let c = p * NR + j;
+                    data[(p * kq + i) * NR + j] = u32::from_le_bytes([
+                        at(4 * i, c),
+                        at(4 * i + 1, c),
+                        at(4 * i + 2, c),
+                        at(4 * i + 3, c),
+                    ]);
+                }
+            }
+        }
+        PackedI8 {
+            data,
+            scale,
+            corr,
+            k,
+            n,
+        }
+    }
+
+    fn quads(&self) -> usize {
+        self.k.div_ceil(4)
+    }
+
+    /// Column `c`'s weights as the product sees them (quantized and scaled back), row by row.
+    #[cfg(test)]
+    fn dequantized(&self, c: usize) -> Vec<f64> {
+        let (kq, p, j) = (self.quads(), c / NR, c % NR);
+        (0..self.k)
+            .map(|r| {
+                let lane = self.data[(p * kq + r / 4) * NR + j].to_le_bytes();
+                f64::from(lane[r % 4] as i8) * f64::from(self.scale[c])
+            })
+            .collect()
+    }
+}
+
+/// `row` quantized into `dst` (`row.len()` rounded up to four bytes, offset by 128, unused
+/// bytes 128): returns the step (the largest magnitude over 127; 0 for a row of zeros, whose
+/// bytes are then all 128). Ties round to even, as `vcvtps2dq` does.
+pub fn quantize_row(row: &[f32], dst: &mut [u32]) -> f32 {
+    assert_eq!(dst.len(), row.len().div_ceil(4), "quad count");
+    let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+    let byte = |i: usize| match row.get(i) {
+        Some(x) => ((x * inv).round_ties_even() as i32 + OFFSET) as u8,
+        None => OFFSET as u8,
+    };
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = u32::from_le_bytes([
+            byte(4 * i),
+            byte(4 * i + 1),
+            byte(4 * i + 2),
+            byte(4 * i + 3),
+        ]);
+    }
+    max / 127.0
+}
+
+thread_local! {
+    /// The activations quantized, and their rows' steps, reused between products.
+    static QUADS: RefCell<(Vec<u32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out [m, n] += a [m, k] · w` with `a` (row stride `lda`) quantized per row and `w` per
+/// column. Panics unless [`available`].
+pub fn matmul_acc(a: &[f32], m: usize, lda: usize, w: &PackedI8, out: &mut [f32]) {
+    product(a, m, lda, w, None, out)
+}
+
+/// `out [m, n] = bias + a [m, k] · w` (as [`matmul_acc`]; `out` is written, never read).
+pub fn matmul_bias(a: &[f32], m: usize, lda: usize, w: &PackedI8, bias: &[f32], out: &mut [f32]) {
+    assert_eq!(bias.len(), w.n, "bias length");
+    product(a, m, lda, w, Some(bias), out)
+}
+
+fn product(a: &[f32], m: usize, lda: usize, w: &PackedI8, bias: Option<&[f32]>, out: &mut [f32]) {
+    assert!(
+        lda >= w.k && (m == 0 || a.len() >= (m - 1) * lda + w.k),
+        "matmul input shape"
+    );
+    assert!(out.len() >= m * w.n, "matmul output shape");
+    assert!(available(), "AVX512_VNNI is not available on this CPU");
+    let kq = w.quads();
+    QUADS.with(|buf| {
+        let (quads, steps) = &mut *buf.borrow_mut();
+        if quads.len() < m * kq {
+            quads.resize(m * kq, 0);
+        }
+        if steps.len() < m {
+            steps.resize(m, 0.0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX512_VNNI, F and BW (asserted above).
+        unsafe {
+            for r in 0..m {
+                let row = &a[r * lda..r * lda + w.k];
+                steps[r] = x86::quantize_row(row, &mut quads[r * kq..(r + 1) * kq]);
+            }
+            x86::matmul(&quads[..m * kq], &steps[..m], m, kq, w, bias, out)
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{NR, OFFSET, PackedI8};
+    use std::arch::x86_64::*;
+
+    const ROWS: usize = 6;
+    const PANELS: usize = 2;
+
+    /// [`super::quantize_row`], 16 values an instruction.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn quantize_row(row: &[f32], dst: &mut [u32]) -> f32 {
+        let (k, bytes) = (row.len(), 4 * dst.len());
+        assert_eq!(dst.len(), k.div_ceil(4), "quad count");
+        let mask = |have: usize| (1u32 << have.min(NR)).wrapping_sub(1) as u16;
+        // SAFETY (all): every load and store is masked to the lanes inside `row` and `dst`.
+        unsafe {
+            let mut max = _mm512_setzero_ps();
+            let mut c = 0;
+            while c < k {
+                let x = _mm512_maskz_loadu_ps(mask(k - c), row.as_ptr().add(c));
+                max = _mm512_max_ps(max, _mm512_abs_ps(x));
+                c += NR;
+            }
+            let max = _mm512_reduce_max_ps(max);
+            let inv = _mm512_set1_ps(if max > 0.0 { 127.0 / max } else { 0.0 });
+            let offset = _mm512_set1_epi32(OFFSET);
+            let out = dst.as_mut_ptr().cast::<u8>();
+            let mut c = 0;
+            while c < bytes {
+                // Lanes past the row load zero and so store the offset (a zero).
+                let x =
+                    _mm512_maskz_loadu_ps(mask(k.saturating_sub(c)), row.as_ptr().add(c.min(k)));
+                let q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), offset);
+                _mm512_mask_cvtepi32_storeu_epi8(out.add(c).cast(), mask(bytes - c), q);
+                c += NR;
+            }
+            max / 127.0
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn matmul(
+        a: &[u32],
+        steps: &[f32],
+        m: usize,
+        kq: usize,
+        w: &PackedI8,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let n = w.n;
+        let panels = n.div_ceil(NR);
+        let full = m - m % ROWS;
+        let mut p = 0;
+        while p < panels {
+            let q = PANELS.min(panels - p);
+            let mut r0 = 0;
+            while r0 < full {
+                // SAFETY (all calls): this function runs only with AVX512_VNNI.
+                if q == PANELS {
+                    unsafe { block::<ROWS, PANELS>(a, steps, r0, kq, w, p, bias, out) };
+                } else {
+                    unsafe { block::<ROWS, 1>(a, steps, r0, kq, w, p, bias, out) };
+                }
+                r0 += ROWS;
+            }
+            p += q;
+        }
+        for r in full..m {
+            let mut p = 0;
+            while p + 4 <= panels {
+                unsafe { block::<1, 4>(a, steps, r, kq, w, p, bias, out) };
+                p += 4;
+            }
+            while p < panels {
+                unsafe { block::<1, 1>(a, steps, r, kq, w, p, bias, out) };
+                p += 1;
+            }
+        }
+    }
+
+    /// `R` rows from `r0` times `Q` panels from `p`: i32 sums in registers, then scaled to
+    /// f32 and stored over the bias or added to `out`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize, const Q: usize>(
+        a: &[u32],
+        steps: &[f32],
+        r0: usize,
+        kq: usize,
+        w: &PackedI8,
+        p: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+    ) {
+        let (data, n) = (&w.data, w.n);
+        assert!((r0 + R) * kq <= a.len() && r0 + R <= steps.len());
+        assert!((p + Q) * kq * NR <= data.len() && (p + Q) * NR <= w.scale.len());
+        for r in 0..R {
+            for q in 0..Q {
+                crate::model::kernel::prefetch(&out[(r0 + r) * n + (p + q) * NR..]);
+            }
+        }
+        // SAFETY (all): the asserts above bound every unchecked read; stores are masked to
+        // the columns of `out`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_si512(); Q]; R];
+            for i in 0..kq {
+                let wv: [__m512i; Q] = std::array::from_fn(|q| {
+                    _mm512_loadu_si512(data.as_ptr().add(((p + q) * kq + i) * NR).cast())
+                });
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let s = _mm512_set1_epi32(*a.get_unchecked((r0 + r) * kq + i) as i32);
+                    for q in 0..Q {
+                        acc[q] = _mm512_dpbusd_epi32(acc[q], s, wv[q]);
+                    }
+                }
+            }
+            let mask = |c0: usize| (1u32 << NR.min(n - c0)).wrapping_sub(1) as u16;
+            for q in 0..Q {
+                let c0 = (p + q) * NR;
+                let corr = _mm512_loadu_si512(w.corr.as_ptr().add(c0).cast());
+                let scale = _mm512_loadu_ps(w.scale.as_ptr().add(c0));
+                let base = bias.map(|b| _mm512_maskz_loadu_ps(mask(c0), b[c0..].as_ptr()));
+                for (r, acc) in acc.iter().enumerate() {
+                    let o = out[(r0 + r) * n + c0..].as_mut_ptr();
+                    let s = _mm512_mul_ps(scale, _mm512_set1_ps(steps[r0 + r]));
+                    let x = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q], corr));
+                    let to = match base {
+                        Some(b) => b,
+                        None => _mm512_maskz_loadu_ps(mask(c0), o),
+                    };
+                    _mm512_mask_storeu_ps(o, mask(c0), _mm512_fmadd_ps(x, s, to));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn vector_and_scalar_quantization_agree() {
+        if !available() {
+            eprintln!("AVX512_VNNI not on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for len in [1usize, 3, 4, 15, 16, 17, 30, 64, 77, 128, 320] {
+            let mut row: Vec<f32> = (0..len).map(|_| rng.random_range(-5.0..5.0)).collect();
+            // A value exactly halfway between two steps: ties go to even on both paths.
+            if len > 2 {
+                row[0] = 127.0;
+                row[1] = 2.5;
+            }
+            let mut want = vec![0u32; len.div_ceil(4)];
+            let s_want = quantize_row(&row, &mut want);
+            let mut got = vec![7u32; len.div_ceil(4)];
+            // SAFETY: available() checked above.
+            let s_got = unsafe { x86::quantize_row(&row, &mut got) };
+            assert_eq!(got, want, "length {len}");
+            assert_eq!(s_got, s_want, "length {len}");
+        }
+        let mut zeros = vec![0u32; 2];
+        // SAFETY: as above.
+        assert_eq!(unsafe { x86::quantize_row(&[0.0; 7], &mut zeros) }, 0.0);
+        assert_eq!(zeros, [0x8080_8080; 2]);
+    }
+
+    /// Quantization keeps each value within half a step of the original.
+    #[test]
+    fn quantized_rows_and_columns_are_within_half_a_step() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let row: Vec<f32> = (0..37).map(|_| rng.random_range(-3.0..3.0)).collect();
+        let mut q = vec![0u32; 10];
+        let step = quantize_row(&row, &mut q);
+        let bytes: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+        for (i, x) in row.iter().enumerate() {
+            let back = (i32::from(bytes[i]) - OFFSET) as f32 * step;
+            assert!(
+                (back - x).abs() <= 0.5 * step * 1.0001,
+                "{i}: {x} -> {back}"
+            );
+        }
+        assert!(bytes[37..].iter().all(|&b| b == 128), "padding is a zero");
+        let (k, n) = (9, 21);
+        let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let packed = PackedI8::new(&w, k, n);
+        for c in 0..n {
+            let step = f64::from(packed.scale[c]);
+            for (r, back) in packed.dequantized(c).iter().enumerate() {
+                let x = f64::from(w[r * n + c]);
+                assert!((back - x).abs() <= 0.5 * step * 1.0001, "[{r},{c}]");
+            }
+        }
+    }
+
+    /// Against the same product computed in f64 from the dequantized inputs: only the f32
+    /// scaling differs. Shapes with k not a multiple of four and partial panels.
+    #[test]
+    fn the_int8_product_equals_the_product_of_the_quantized_inputs() {
+        if !available() {
+            eprintln!("AVX512_VNNI not on this CPU: nothing to compare");
+            return;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        for (m, k, n) in [
+            (1, 128, 512),
+            (7, 30, 512),
+            (13, 31, 17),
+            (6, 320, 256),
+            (2, 1, 3),
+            (12, 64, 64),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let w: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let packed = PackedI8::new(&w, k, n);
+            let mut got = vec![0.5f32; m * n];
+            matmul_acc(&a, m, k, &packed, &mut got);
+            let mut from_bias = vec![f32::NAN; m * n + 1];
+            matmul_bias(&a, m, k, &packed, &bias, &mut from_bias);
+            assert!(from_bias[m * n].is_nan(), "wrote past the output");
+            let cols: Vec<Vec<f64>> = (0..n).map(|c| packed.dequantized(c)).collect();
+            let mut worst = 0f64;
+            for i in 0..m {
+                let row = &a[i * k..(i + 1) * k];
+                let mut q = vec![0u32; k.div_ceil(4)];
+                let step = f64::from(quantize_row(row, &mut q));
+                let bytes: Vec<u8> = q.iter().flat_map(|x| x.to_le_bytes()).collect();
+                let x: Vec<f64> = (0..k)
+                    .map(|kk| f64::from(i32::from(bytes[kk]) - OFFSET) * step)
+                    .collect();
+                for j in 0..n {
+                    let want: f64 = (0..k).map(|kk| x[kk] * cols[j][kk]).sum();
+                    let exact: f64 = (0..k)
+                        .map(|kk| f64::from(row[kk]) * f64::from(w[kk * n + j]))
+                        .sum();
+                    worst = worst.max((want - exact).abs());
+                    let g = got[i * n + j] as f64 - 0.5;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "{m}x{k}x{n} [{i},{j}]: {g} vs {want}"
+                    );
+                    let g = (from_bias[i * n + j] - bias[j]) as f64;
+                    assert!(
+                        (g - want).abs() < 1e-4,
+                        "{m}x{k}x{n} [{i},{j}] with bias: {g} vs {want}"
+                    );
+                }
+            }
+            // And the quantized product is near the exact one (steps of 1/127 of each row's and
+            // column's largest value).
+            assert!(worst < 0.02 * (k as f64).sqrt(), "{m}x{k}x{n}: {worst}");
+        }
+    }
+}
