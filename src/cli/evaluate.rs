@@ -57,7 +57,7 @@ pub struct EvaluateArgs {
     /// Write per-transaction scores as CSV (transaction_id, card_id, ts, score, label).
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
-    /// Scoring arithmetic (as `serve --precision`): compare bf16 with f32 on the same file.
+    /// Scoring arithmetic (as `serve --precision`): compare bf16 or int8 with f32 on the same file.
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,
     /// Comparing two models: bootstrap resamples for the interval on the AP difference.

@@ -34,8 +34,9 @@ pub struct ServeArgs {
     /// Model bundle directory (default: the built-in `models/default`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Scoring arithmetic: f32, or bf16 matrix products (CPUs with AVX512_BF16; faster, scores
-    /// differ slightly: see the README's measurements).
+    /// Scoring arithmetic: f32, bf16 matrix products (CPUs with AVX512_BF16) or int8 products
+    /// of hidden states (CPUs with AVX512_VNNI); both faster, scores differ slightly: see the
+    /// README's measurements.
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,
     /// A shadow challenger bundle: it scores the same windows in the same batches, its scores

@@ -36,8 +36,10 @@ pub enum ForwardPath {
     /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
     Bf16,
     /// The products of hidden states (recurrent, attention projections, LSTM 2's input) in
-    /// 8-bit integers (AVX512_VNNI, [`super::int8`]); the raw features' projection, the dense
-    /// head, activations and attention as [`ForwardPath::Kernel`] with AVX-512.
+    /// 8-bit integers (AVX512_VNNI, [`super::int8`]); the raw features' projection and the
+    /// dense head in bf16 where the CPU has AVX512_BF16 (a row of raw features quantized to
+    /// 1/127 of its largest feature lost twice the alert decisions), f32 elsewhere;
+    /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
     Int8,
 }
 
@@ -155,7 +157,7 @@ struct DenseW {
     /// Quantized on first int8 use, if `quantize`.
     int8: std::sync::OnceLock<PackedI8>,
     /// Whether the int8 path quantizes this layer (its inputs are hidden states); the others
-    /// stay f32 there.
+    /// run in bf16 there (f32 without AVX512_BF16).
     quantize: bool,
     bias: Vec<f32>,
     input: usize,
@@ -195,6 +197,12 @@ impl DenseW {
                     .int8
                     .get_or_init(|| PackedI8::new(&self.kernel, self.input, self.output));
                 int8::matmul_bias(x, rows, ldx, w, &self.bias, out)
+            }
+            ForwardPath::Int8 if bf16::available() => {
+                let w = self
+                    .bf16
+                    .get_or_init(|| PackedBf16::new(&self.kernel, self.input, self.output));
+                bf16::matmul_bias(x, rows, ldx, w, &self.bias, out)
             }
             ForwardPath::Int8 => {
                 kernel::matmul_bias(Isa::Avx512, x, rows, ldx, &self.packed, &self.bias, out)
@@ -454,7 +462,7 @@ impl FastModel {
         Ok(FastModel {
             cfg: cfg.clone(),
             // The raw features' projections and the dense head (one step, a tenth of a
-            // percent of the work) stay f32 on the int8 path.
+            // percent of the work) are not quantized on the int8 path.
             forward: lstm("bilstm_forward", cfg.input, cfg.lstm1, false)?,
             backward: lstm("bilstm_backward", cfg.input, cfg.lstm1, false)?,
             query: dense("attention.query", seq, cfg.attention, true)?,
