@@ -392,9 +392,7 @@ struct Scratch {
     gx_b: Vec<f32>,
     c_b: Vec<f32>,
     x2: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+    qkv: Vec<f32>,
     hs2: Vec<f32>,
     hidden: Vec<f32>,
     window: kernel::AttentionScratch,
@@ -415,9 +413,9 @@ pub struct FastModel {
     cfg: ModelConfig,
     forward: LstmW,
     backward: LstmW,
-    query: DenseW,
-    key: DenseW,
-    value: DenseW,
+    /// The attention's query, key and value projections side by side (`[seq, 3 * attention]`):
+    /// one product reads LSTM 2's input rows once for all three.
+    qkv: DenseW,
     lstm2: LstmW,
     dense: DenseW,
     out: DenseW,
@@ -465,9 +463,20 @@ impl FastModel {
             // percent of the work) are not quantized on the int8 path.
             forward: lstm("bilstm_forward", cfg.input, cfg.lstm1, false)?,
             backward: lstm("bilstm_backward", cfg.input, cfg.lstm1, false)?,
-            query: dense("attention.query", seq, cfg.attention, true)?,
-            key: dense("attention.key", seq, cfg.attention, true)?,
-            value: dense("attention.value", seq, cfg.attention, true)?,
+            qkv: {
+                let a = cfg.attention;
+                let parts = ["query", "key", "value"]
+                    .map(|p| dense(&format!("attention.{p}"), seq, a, true));
+                let [q, k, v] = parts;
+                let (q, k, v) = (q?, k?, v?);
+                let kernel: Vec<f32> = (0..seq)
+                    .flat_map(|r| [&q, &k, &v].map(|d| &d.kernel[r * a..(r + 1) * a]))
+                    .flatten()
+                    .copied()
+                    .collect();
+                let bias = [q.bias, k.bias, v.bias].concat();
+                DenseW::new(kernel, bias, seq, 3 * a, true)
+            },
             lstm2: lstm("lstm2", seq + cfg.attention, cfg.lstm2, true)?,
             dense: dense("dense", cfg.lstm2, cfg.dense, false)?,
             out: dense("output", cfg.dense, 1, false)?,
@@ -616,21 +625,18 @@ impl FastModel {
                 lstm.run(input, b, active, reverse, x2, &mut s.gx, &mut s.c, path);
             }
         }
-        let q = scratch(&mut s.q, rows * a);
-        let k = scratch(&mut s.k, rows * a);
-        let v = scratch(&mut s.v, rows * a);
-        self.query.apply_steps(x2, x2w, b, active, q, path);
-        self.key.apply_steps(x2, x2w, b, active, k, path);
-        self.value.apply_steps(x2, x2w, b, active, v, path);
+        // Each row: its query, key and value side by side.
+        let qkv = scratch(&mut s.qkv, rows * 3 * a);
+        self.qkv.apply_steps(x2, x2w, b, active, qkv, path);
         for (i, &window) in order.iter().enumerate() {
             let first_real = t_len - len(window);
             let at = kernel::AttentionRows {
-                q,
-                k,
-                v,
+                q: qkv,
+                k: &qkv[a..],
+                v: &qkv[2 * a..],
                 width: a,
-                first: i * a,
-                stride: b * a,
+                first: i * 3 * a,
+                stride: b * 3 * a,
                 steps: t_len,
                 first_real,
             };
