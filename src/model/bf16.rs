@@ -119,8 +119,10 @@ mod x86 {
     use super::{NR, PackedBf16};
     use std::arch::x86_64::*;
 
-    const ROWS: usize = 6;
-    const PANELS: usize = 2;
+    /// The register tile: 16 accumulators, four panel loads and four broadcasts a step (on
+    /// this AMD EPYC faster than the f32 kernel's 6 x 2, which keeps more loads per product).
+    const ROWS: usize = 4;
+    const PANELS: usize = 4;
 
     /// `row` rounded to bf16 pairs (`dst.len()` = half its length, rounded up; ties to even,
     /// as [`super::round`]), 32 values an instruction.
@@ -171,7 +173,9 @@ mod x86 {
                 if q == PANELS {
                     unsafe { block::<ROWS, PANELS>(a, r0, kp, &w.data, p, bias, out, n) };
                 } else {
-                    unsafe { block::<ROWS, 1>(a, r0, kp, &w.data, p, bias, out, n) };
+                    for pp in p..p + q {
+                        unsafe { block::<ROWS, 1>(a, r0, kp, &w.data, pp, bias, out, n) };
+                    }
                 }
                 r0 += ROWS;
             }

@@ -190,8 +190,10 @@ mod x86 {
     use super::{NR, OFFSET, PackedI8};
     use std::arch::x86_64::*;
 
-    const ROWS: usize = 6;
-    const PANELS: usize = 2;
+    /// The register tile: 16 accumulators, four panel loads and four broadcasts a step (on
+    /// this AMD EPYC faster than the f32 kernel's 6 x 2, which keeps more loads per product).
+    const ROWS: usize = 4;
+    const PANELS: usize = 4;
 
     /// [`super::quantize_row`], 16 values an instruction.
     #[target_feature(enable = "avx512f,avx512bw")]
@@ -247,7 +249,9 @@ mod x86 {
                 if q == PANELS {
                     unsafe { block::<ROWS, PANELS>(a, steps, r0, kq, w, p, bias, out) };
                 } else {
-                    unsafe { block::<ROWS, 1>(a, steps, r0, kq, w, p, bias, out) };
+                    for pp in p..p + q {
+                        unsafe { block::<ROWS, 1>(a, steps, r0, kq, w, pp, bias, out) };
+                    }
                 }
                 r0 += ROWS;
             }
