@@ -311,9 +311,15 @@ impl LstmW {
         let t_len = active.len();
         let (h4, hd) = (4 * self.hidden, self.hidden);
         let Rows { x, ldx, ldo, col } = rows;
-        // Input projections of every real row (bias included).
-        let gx = scratch(gx, t_len * b * h4);
-        self.input_w.apply_steps(x, ldx, b, active, gx, path);
+        // Input projections (bias included): of every real row up front for small batches (one
+        // product instead of one a step), step by step just before each step's recurrent product
+        // otherwise, so a step's gates stay in L2 (all steps' gates of 128 windows are 8 MB,
+        // written to memory and read back).
+        let up_front = b < PER_STEP_ROWS;
+        let gx = scratch(gx, if up_front { t_len * b * h4 } else { b * h4 });
+        if up_front {
+            self.input_w.apply_steps(x, ldx, b, active, gx, path);
+        }
         let c = scratch(c, b * hd);
         c.fill(0.0);
         let row = |t: usize, i: usize| (t * b + i) * ldo + col;
@@ -325,7 +331,13 @@ impl LstmW {
             if n == 0 {
                 continue;
             }
-            let g = &mut gx[t * b * h4..(t * b + n) * h4];
+            let g = if up_front {
+                &mut gx[t * b * h4..(t * b + n) * h4]
+            } else {
+                let g = &mut gx[..n * h4];
+                self.input_w.apply(&x[t * b * ldx..], ldx, n, g, path);
+                g
+            };
             if let Some((p, np)) = prev {
                 // The recurrent product of the rows that were real at the previous step (the
                 // rest start here, from zero).
