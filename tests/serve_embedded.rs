@@ -332,6 +332,50 @@ fn int8_serving_scores_close_to_f32_evaluation() {
     reduced_precision_serving_close_to_f32_evaluation("int8");
 }
 
+/// `evaluate --precision int8 --against-precision f32` scores the file both ways and reports
+/// what int8 changes: small score differences (not none: int8 ran), the fraction of alert
+/// decisions kept, and both average precisions, consistent with two plain evaluations.
+#[test]
+fn evaluate_reports_what_a_precision_changes_against_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = simulate(dir.path(), "cards.csv", &["--days", "6", "--cards", "150"]);
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let out = fraudstream()
+            .args(["evaluate", "--json", "--no-report", "--data"])
+            .arg(&input)
+            .args(extra)
+            .output()
+            .unwrap();
+        common::assert_success(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let both = eval(&["--precision", "int8", "--against-precision", "f32"]);
+    let f32_only = eval(&[]);
+    let c = &both["against_precision"];
+    assert_eq!(c["against"], "f32");
+    let max = c["max_score_difference"].as_f64().unwrap();
+    assert!(max > 0.0 && max < 2e-2, "max difference {max}");
+    let (p999, mean) = (
+        c["p999_score_difference"].as_f64().unwrap(),
+        c["mean_score_difference"].as_f64().unwrap(),
+    );
+    assert!(mean <= p999 && p999 <= max, "{mean} {p999} {max}");
+    let kept = c["decisions_kept"].as_f64().unwrap();
+    let n = both["transactions"].as_f64().unwrap();
+    let changed = c["decisions_changed"].as_f64().unwrap();
+    assert!((kept - (1.0 - changed / n)).abs() < 1e-12);
+    assert!(kept >= 0.999, "decisions kept {kept}");
+    // The f32 side is a plain f32 evaluation; int8's AP is the headline one.
+    let ap32 = f32_only["average_precision"].as_f64().unwrap();
+    assert_eq!(c["against_average_precision"].as_f64().unwrap(), ap32);
+    let ap8 = both["average_precision"].as_f64().unwrap();
+    let diff = c["average_precision_difference"].as_f64().unwrap();
+    assert!(
+        (diff - (ap8 - ap32)).abs() < 1e-12 && diff.abs() < 0.02,
+        "{diff}"
+    );
+}
+
 /// `--log-format json` (here through its environment variable): every stderr line is one JSON
 /// object; a dead letter's event carries topic, partition, offset, reason and field at the top
 /// level; and the record's payload is not logged.

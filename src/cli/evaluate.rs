@@ -60,6 +60,11 @@ pub struct EvaluateArgs {
     /// Scoring arithmetic (as `serve --precision`): compare bf16 or int8 with f32 on the same file.
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,
+    /// Also score at this precision and report what `--precision` changes against it: the
+    /// score differences, the alert decisions that differ at the bundle's threshold, and both
+    /// average precisions (e.g. `--precision int8 --against-precision f32`).
+    #[arg(long, value_enum)]
+    pub against_precision: Option<crate::model::Precision>,
     /// Comparing two models: bootstrap resamples for the interval on the AP difference.
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
@@ -94,6 +99,26 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
     bar.finish_and_clear();
     let threshold = bundle.threshold();
     let summary = Summary::compute(&scores, &set.labels, &set.keys, &set.ts, threshold);
+    let against = match args.against_precision {
+        Some(p) => {
+            let path = p.path().map_err(anyhow::Error::msg)?;
+            let bar = super::progress(set.len() as u64, "windows");
+            bar.set_message(format!("scoring again at {}", precision_name(p)));
+            let other = set.score_on(&bundle.fast, 512, path, |n| bar.set_position(n as u64));
+            bar.finish_and_clear();
+            let other_summary =
+                Summary::compute(&other, &set.labels, &set.keys, &set.ts, threshold);
+            Some(PrecisionComparison::new(
+                p,
+                &scores,
+                &other,
+                threshold,
+                summary.average_precision,
+                other_summary.average_precision,
+            ))
+        }
+        None => None,
+    };
     let daily = daily_card_precision(&scores, &set.labels, &set.keys, &set.ts, 100);
     let groups = match &args.group_by {
         Some(column) => {
@@ -137,6 +162,9 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         if let Some((column, g)) = &groups {
             v["recall_by"] = json!({ column.as_str(): g });
         }
+        if let Some(c) = &against {
+            v["against_precision"] = serde_json::to_value(c)?;
+        }
         if let Some(p) = &report_path {
             v["report"] = json!(p.display().to_string());
         }
@@ -146,8 +174,88 @@ pub(crate) fn run(args: EvaluateArgs) -> anyhow::Result<ExitCode> {
         if let Some((column, g)) = &groups {
             print_groups(column, g);
         }
+        if let Some(c) = &against {
+            c.print(args.precision);
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn precision_name(p: crate::model::Precision) -> String {
+    format!("{p:?}").to_lowercase()
+}
+
+/// What scoring at `--precision` changes against `--against-precision`, on the same windows.
+#[derive(Debug, serde::Serialize)]
+struct PrecisionComparison {
+    /// The precision compared against.
+    against: String,
+    /// Largest, 99.9th percentile and mean absolute score difference.
+    max_score_difference: f64,
+    p999_score_difference: f64,
+    mean_score_difference: f64,
+    /// Transactions alerted by one and not the other at the bundle's threshold.
+    decisions_changed: u64,
+    /// The fraction of transactions whose alert decision is the same.
+    decisions_kept: f64,
+    /// Average precision at `against` and this precision's minus it.
+    against_average_precision: f64,
+    average_precision_difference: f64,
+}
+
+impl PrecisionComparison {
+    fn new(
+        against: crate::model::Precision,
+        scores: &[f32],
+        other: &[f32],
+        threshold: f64,
+        ap: f64,
+        other_ap: f64,
+    ) -> Self {
+        let mut diffs: Vec<f64> = scores
+            .iter()
+            .zip(other)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .collect();
+        diffs.sort_by(f64::total_cmp);
+        let n = diffs.len().max(1);
+        let alert = |s: f32| f64::from(s) >= threshold;
+        let changed = scores
+            .iter()
+            .zip(other)
+            .filter(|(a, b)| alert(**a) != alert(**b))
+            .count() as u64;
+        PrecisionComparison {
+            against: precision_name(against),
+            max_score_difference: diffs.last().copied().unwrap_or(0.0),
+            p999_score_difference: diffs.get(n * 999 / 1000).copied().unwrap_or(0.0),
+            mean_score_difference: diffs.iter().sum::<f64>() / n as f64,
+            decisions_changed: changed,
+            decisions_kept: 1.0 - changed as f64 / n as f64,
+            against_average_precision: other_ap,
+            average_precision_difference: ap - other_ap,
+        }
+    }
+
+    fn print(&self, precision: crate::model::Precision) {
+        println!();
+        println!("{} against {}:", precision_name(precision), self.against);
+        println!(
+            "  score difference: max {:.4}  p99.9 {:.4}  mean {:.5}",
+            self.max_score_difference, self.p999_score_difference, self.mean_score_difference
+        );
+        println!(
+            "  alert decisions changed: {} ({:.4}% kept)",
+            self.decisions_changed,
+            100.0 * self.decisions_kept
+        );
+        println!(
+            "  average precision: {:.5} against {:.5} ({:+.5})",
+            self.against_average_precision + self.average_precision_difference,
+            self.against_average_precision,
+            self.average_precision_difference
+        );
+    }
 }
 
 /// The windows of the transactions between --from and --until, every earlier one feeding them,

@@ -62,19 +62,31 @@ static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
 /// Sets the process's scoring precision (once, before scoring starts; `--precision`). Fails
 /// when the CPU cannot run it or it was already set to something else.
 pub fn set_precision(p: Precision) -> Result<(), String> {
-    if p == Precision::Bf16 && !super::bf16::available() {
-        return Err("--precision bf16 needs a CPU with AVX512_BF16 (this one has none)".into());
-    }
-    if p == Precision::Int8 && !super::int8::available() {
-        return Err("--precision int8 needs a CPU with AVX512_VNNI (this one has none)".into());
-    }
+    p.path()?;
     match PRECISION.get_or_init(|| p) {
         set if *set == p => Ok(()),
         set => Err(format!("scoring precision already set to {set:?}")),
     }
 }
 
-/// The scoring precision (f32 unless [`set_precision`] chose bf16).
+impl Precision {
+    /// The forward path that scores at this precision on this machine, or why this CPU cannot.
+    pub fn path(self) -> Result<ForwardPath, String> {
+        match self {
+            Precision::F32 => Ok(ForwardPath::Kernel(kernel::isa())),
+            Precision::Bf16 if super::bf16::available() => Ok(ForwardPath::Bf16),
+            Precision::Bf16 => {
+                Err("--precision bf16 needs a CPU with AVX512_BF16 (this one has none)".into())
+            }
+            Precision::Int8 if super::int8::available() => Ok(ForwardPath::Int8),
+            Precision::Int8 => {
+                Err("--precision int8 needs a CPU with AVX512_VNNI (this one has none)".into())
+            }
+        }
+    }
+}
+
+/// The scoring precision (f32 unless [`set_precision`] chose another).
 pub fn precision() -> Precision {
     PRECISION.get().copied().unwrap_or_default()
 }

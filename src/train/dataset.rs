@@ -100,17 +100,23 @@ impl WindowSet {
 
     /// Scores every window with the fast forward, `batch` at a time; `progress` gets the count
     /// done after each batch.
-    pub fn score(
+    pub fn score(&self, model: &FastModel, batch: usize, progress: impl FnMut(usize)) -> Vec<f32> {
+        self.score_on(model, batch, crate::model::ForwardPath::scoring(), progress)
+    }
+
+    /// [`WindowSet::score`] on the chosen forward path (another precision than the process's).
+    pub fn score_on(
         &self,
         model: &FastModel,
         batch: usize,
+        path: crate::model::ForwardPath,
         mut progress: impl FnMut(usize),
     ) -> Vec<f32> {
         let mut scores = Vec::with_capacity(self.len());
         for start in (0..self.len()).step_by(batch.max(1)) {
             let end = (start + batch).min(self.len());
             let ws: Vec<&[f32]> = (start..end).map(|i| self.get(i)).collect();
-            let (s, _) = model.predict(&ws, &self.lens[start..end]);
+            let (s, _) = model.predict_on(&ws, &self.lens[start..end], path);
             scores.extend(s);
             progress(end);
         }
