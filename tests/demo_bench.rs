@@ -202,6 +202,13 @@ fn bench_prints_the_documented_json() {
         ["avx512", "avx2+fma", "portable"].contains(&v["inference_isa"].as_str().unwrap()),
         "{v}"
     );
+    // A GEMM runs the same FMAs as the FMA-only peak plus loads and stores: below it (with a
+    // margin for a shared machine's noise).
+    let (gemm, peak) = (
+        v["fp32_gemm_gflop_per_s"].as_f64().unwrap(),
+        v["fp32_peak_gflop_per_s"].as_f64().unwrap(),
+    );
+    assert!(gemm > 0.0 && gemm <= 1.1 * peak, "{v}");
     // Training throughput of both engines at train's default batch size.
     assert_eq!(v["training_batch"].as_u64(), Some(128), "{v}");
     for engine in ["kernels", "candle"] {

@@ -252,24 +252,32 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
     let kernel_isa = crate::model::kernel::isa();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let seconds = args.seconds.min(1.0);
-    let peak: f64 = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| scope.spawn(move || crate::model::kernel::fma_peak_flops(kernel_isa, seconds)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("peak thread"))
-            .sum::<f64>()
-    }) / 1e9;
+    let on_every_core = |peak: fn(crate::model::kernel::Isa, f64) -> f64| {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(move || peak(kernel_isa, seconds)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("peak thread"))
+                .sum::<f64>()
+        }) / 1e9
+    };
+    let peak = on_every_core(crate::model::kernel::fma_peak_flops);
+    let gemm = on_every_core(crate::model::kernel::gemm_peak_flops);
+    let at_256 = gflops
+        .get("256")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
     if !args.json {
         println!(
             "fp32 FMA peak on {threads} threads: {peak:.1} GFLOP/s ({isa}; batch 256 reaches {:.0}% of it)",
-            100.0
-                * gflops
-                    .get("256")
-                    .and_then(serde_json::Value::as_f64)
-                    .unwrap_or(0.0)
-                / peak
+            100.0 * at_256 / peak
+        );
+        println!(
+            "fp32 GEMM on {threads} threads: {gemm:.1} GFLOP/s (512^3 products with these \
+             kernels; batch 256 reaches {:.0}% of it)",
+            100.0 * at_256 / gemm
         );
     }
     let mut training = serde_json::Map::new();
@@ -289,6 +297,7 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         ("training_batch", json!(TRAIN_BATCH)),
         ("fp32_peak_gflop_per_s", json!((peak * 10.0).round() / 10.0)),
         ("fp32_peak_threads", json!(threads)),
+        ("fp32_gemm_gflop_per_s", json!((gemm * 10.0).round() / 10.0)),
         ("inference_windows_per_s", inference.into()),
         ("inference_gflop_per_s", gflops.into()),
         ("inference_flop_per_window", json!(flops)),

@@ -250,6 +250,25 @@ pub fn fma_peak_flops(isa: Isa, seconds: f64) -> f64 {
     flops / began.elapsed().as_secs_f64()
 }
 
+/// Single-precision FLOP/s one thread reaches in a large product (`[512, 512] · [512, 512]`,
+/// accumulated, with these kernels on `isa`) over about `seconds`: what a GEMM gets here, the
+/// practical bound below [`fma_peak_flops`] (the register tile's loads and stores cost a few
+/// percent).
+pub fn gemm_peak_flops(isa: Isa, seconds: f64) -> f64 {
+    const M: usize = 512;
+    let a: Vec<f32> = (0..M * M).map(|i| (i % 97) as f32 / 97.0 - 0.5).collect();
+    let w = Packed::new(&a, M, M);
+    let mut out = vec![0f32; M * M];
+    let began = std::time::Instant::now();
+    let mut flops = 0f64;
+    while began.elapsed().as_secs_f64() < seconds {
+        matmul_acc(isa, &a, M, M, &w, &mut out);
+        flops += (2 * M * M * M) as f64;
+    }
+    std::hint::black_box(&out);
+    flops / began.elapsed().as_secs_f64()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn peak_avx512(s: f32, w: &[f32; NR], iters: usize) -> f32 {
