@@ -20,9 +20,15 @@ use super::int8::{self, PackedI8};
 use super::kernel::{self, Isa, Packed};
 use super::pool;
 
-/// Batches of at least this many windows are split in two halves, one per core; smaller ones
-/// run the BiLSTM's two directions on the two cores instead.
-const SPLIT_BATCH: usize = 64;
+/// Batches of at least this many windows are split in two halves, one per core; a single window
+/// runs the BiLSTM's two directions on the two cores instead. Splitting measured faster from two
+/// windows up (f32: batch 4 about 7,000 windows/s against 4,900 with the directions side by
+/// side, batch 32 about 9,000 against 6,500).
+const SPLIT_BATCH: usize = 2;
+
+/// From this many windows on one thread, a layer's input projections are computed step by step,
+/// just before each step's recurrent product (see [`LstmW::run`]).
+const STEP_PROJECTION_ROWS: usize = 48;
 
 /// Which implementation of the forward pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,7 +333,7 @@ impl LstmW {
         // product instead of one a step), step by step just before each step's recurrent product
         // otherwise, so a step's gates stay in L2 (all steps' gates of 128 windows are 8 MB,
         // written to memory and read back).
-        let up_front = b < PER_STEP_ROWS;
+        let up_front = b < STEP_PROJECTION_ROWS;
         let gx = scratch(gx, if up_front { t_len * b * h4 } else { b * h4 });
         if up_front {
             self.input_w.apply_steps(x, ldx, b, active, gx, path);
@@ -510,8 +516,8 @@ impl FastModel {
     /// Scores windows (each `window * input` floats, left-padded) with their real lengths.
     /// Returns the scores and, per window, the current transaction's attention weights.
     /// Both cores work on every call (a persistent helper thread, [`super::pool`]): batches of
-    /// 64 or more are split in two halves (windows are independent, so the result is the same),
-    /// smaller ones run the BiLSTM's forward and backward directions side by side.
+    /// two or more are split in two halves (windows are independent, so the result is the
+    /// same), a single window runs the BiLSTM's forward and backward directions side by side.
     pub fn predict(&self, windows: &[&[f32]], lens: &[usize]) -> (Vec<f32>, Vec<Vec<f32>>) {
         self.predict_on(windows, lens, ForwardPath::scoring())
     }
@@ -528,25 +534,30 @@ impl FastModel {
         let mut scores = vec![0f32; n];
         let mut attention = vec![Vec::new(); n];
         if n < SPLIT_BATCH {
-            self.predict_one_thread(windows, lens, path, &mut scores, &mut attention);
+            self.predict_one_thread(windows, lens, path, true, &mut scores, &mut attention);
             return (scores, attention);
         }
         let half = n / 2;
         let (s1, s2) = scores.split_at_mut(half);
         let (a1, a2) = attention.split_at_mut(half);
         pool::join(
-            || self.predict_one_thread(&windows[..half], &lens[..half], path, s1, a1),
-            || self.predict_one_thread(&windows[half..], &lens[half..], path, s2, a2),
+            || self.predict_one_thread(&windows[..half], &lens[..half], path, false, s1, a1),
+            || self.predict_one_thread(&windows[half..], &lens[half..], path, false, s2, a2),
         );
         (scores, attention)
     }
 
-    /// Scores `windows` on this thread into `scores` and `attention` (one per window).
+    /// Scores `windows` on this thread into `scores` and `attention` (one per window); with
+    /// `helper`, a small batch's two BiLSTM directions run side by side on the helper thread
+    /// (not when the helper already scores the other half of a split batch: the nested hand-off
+    /// waited for it, which made batches of 64 to 127 windows slower than 63).
+    #[allow(clippy::too_many_arguments)]
     fn predict_one_thread(
         &self,
         windows: &[&[f32]],
         lens: &[usize],
         path: ForwardPath,
+        helper: bool,
         scores: &mut [f32],
         attention: &mut [Vec<f32>],
     ) {
@@ -554,12 +565,13 @@ impl FastModel {
             return;
         }
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut s) => self.forward(windows, lens, path, scores, attention, &mut s),
+            Ok(mut s) => self.forward(windows, lens, path, helper, scores, attention, &mut s),
             // Re-entered on this thread (never in practice): fresh buffers.
             Err(_) => self.forward(
                 windows,
                 lens,
                 path,
+                helper,
                 scores,
                 attention,
                 &mut Scratch::default(),
@@ -573,6 +585,7 @@ impl FastModel {
         windows: &[&[f32]],
         lens: &[usize],
         path: ForwardPath,
+        helper: bool,
         scores: &mut [f32],
         attention: &mut [Vec<f32>],
         s: &mut Scratch,
@@ -607,7 +620,7 @@ impl FastModel {
         let (h1, seq_w, a) = (cfg.lstm1, cfg.seq_width(), cfg.attention);
         let x2w = seq_w + a;
         let x2 = scratch(&mut s.x2, rows * x2w);
-        if b < SPLIT_BATCH {
+        if helper && b < SPLIT_BATCH {
             // The two directions at once: forward here, straight into LSTM 2's input; backward
             // on the helper into its own rows, copied in after.
             let hb = scratch(&mut s.hb, rows * h1);
