@@ -158,11 +158,7 @@ pub fn matmul_bias(a: &[f32], m: usize, lda: usize, w: &PackedI8, bias: &[f32], 
 }
 
 fn product(a: &[f32], m: usize, lda: usize, w: &PackedI8, bias: Option<&[f32]>, out: &mut [f32]) {
-    assert!(
-        lda >= w.k && (m == 0 || a.len() >= (m - 1) * lda + w.k),
-        "matmul input shape"
-    );
-    assert!(out.len() >= m * w.n, "matmul output shape");
+    super::kernel::check_shapes(a, m, lda, w.k, w.n, out);
     assert!(available(), "AVX512_VNNI is not available on this CPU");
     let kq = w.quads();
     QUADS.with(|buf| {

@@ -163,6 +163,16 @@ pub fn matmul_bias(
     product(isa, a, m, lda, w, Some(bias), out)
 }
 
+/// Panics unless `a` holds `m` rows of `k` floats at row stride `lda` and `out` holds `m` rows
+/// of `n`: the bounds every product (f32, bf16, int8) relies on before unchecked reads.
+pub(crate) fn check_shapes(a: &[f32], m: usize, lda: usize, k: usize, n: usize, out: &[f32]) {
+    assert!(
+        lda >= k && (m == 0 || a.len() >= (m - 1) * lda + k),
+        "matmul input shape"
+    );
+    assert!(out.len() >= m * n, "matmul output shape");
+}
+
 fn product(
     isa: Isa,
     a: &[f32],
@@ -172,11 +182,7 @@ fn product(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    assert!(
-        lda >= w.k && (m == 0 || a.len() >= (m - 1) * lda + w.k),
-        "matmul input shape"
-    );
-    assert!(out.len() >= m * w.n, "matmul output shape");
+    check_shapes(a, m, lda, w.k, w.n, out);
     isa.require();
     match isa {
         // SAFETY: the CPU has the features (checked by `isa`).
