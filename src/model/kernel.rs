@@ -315,6 +315,8 @@ fn peak<L: Lanes>(s: f32, w: &[f32; NR], iters: usize) -> f32 {
 /// `#[target_feature]` functions above), where they are inlined.
 trait Lanes {
     type Acc: Copy;
+    /// Whether `a·b + c` is one fused instruction (see [`madd`]).
+    const FUSED: bool;
     /// Zeroed accumulators.
     unsafe fn zero() -> Self::Acc;
     /// `acc += s · w`.
@@ -345,6 +347,7 @@ struct Portable;
 
 impl Lanes for Portable {
     type Acc = [f32; NR];
+    const FUSED: bool = false;
     #[inline(always)]
     unsafe fn zero() -> Self::Acc {
         [0.0; NR]
@@ -371,6 +374,7 @@ mod x86 {
 
     impl Lanes for Avx2 {
         type Acc = [__m256; 2];
+        const FUSED: bool = true;
         #[inline(always)]
         unsafe fn zero() -> Self::Acc {
             unsafe { [_mm256_setzero_ps(); 2] }
@@ -428,6 +432,7 @@ mod x86 {
 
     impl Lanes for Avx512 {
         type Acc = __m512;
+        const FUSED: bool = true;
         #[inline(always)]
         unsafe fn zero() -> Self::Acc {
             unsafe { _mm512_setzero_ps() }
@@ -637,6 +642,295 @@ fn row_panels<L: Lanes, const P: usize>(
         let c0 = (p + q) * NR;
         let cols = NR.min(n - c0);
         unsafe { finish::<L>(bias.is_some(), acc, &mut out[r * n + c0..r * n + c0 + cols]) };
+    }
+}
+
+/// An LSTM layer's weights packed for [`lstm_step`]: the input and recurrent kernels' columns
+/// regrouped so that every [`NR`] hidden units' four gates (input, forget, candidate, output)
+/// are four consecutive panels, the bias likewise. Then one register tile holds whole units:
+/// its accumulators are the gates the cell needs, and they go through the cell without ever
+/// being stored.
+#[derive(Debug, Clone)]
+pub struct PackedLstm {
+    input: Packed,
+    recurrent: Packed,
+    bias: Vec<f32>,
+    hidden: usize,
+}
+
+impl PackedLstm {
+    /// Packs row-major `input [k, 4·hidden]`, `recurrent [hidden, 4·hidden]` and `bias
+    /// [4·hidden]` (Keras' gate order). None unless `hidden` is a positive multiple of [`NR`].
+    pub fn new(
+        input: &[f32],
+        k: usize,
+        recurrent: &[f32],
+        bias: &[f32],
+        hidden: usize,
+    ) -> Option<Self> {
+        if hidden == 0 || !hidden.is_multiple_of(NR) {
+            return None;
+        }
+        let n = 4 * hidden;
+        assert!(
+            input.len() == k * n && recurrent.len() == hidden * n && bias.len() == n,
+            "lstm weight shapes"
+        );
+        // Column `c` of the regrouped matrices is column `from(c)` of Keras'.
+        let from = |c: usize| {
+            let (unit, rest) = (c / (4 * NR), c % (4 * NR));
+            (rest / NR) * hidden + unit * NR + rest % NR
+        };
+        let regroup = |w: &[f32], rows: usize| -> Vec<f32> {
+            (0..rows)
+                .flat_map(|r| (0..n).map(move |c| w[r * n + from(c)]))
+                .collect()
+        };
+        Some(PackedLstm {
+            input: Packed::new(&regroup(input, k), k, n),
+            recurrent: Packed::new(&regroup(recurrent, hidden), hidden, n),
+            bias: regroup(bias, 1),
+            hidden,
+        })
+    }
+}
+
+/// One LSTM step of `n` rows (sorted so that the first `m` have a previous hidden state and the
+/// rest start from zero state): each row's gates, `bias + x·W` plus `h·R` for the first `m`,
+/// accumulate in registers and go straight through the cell, which updates `c [n, hidden]` in
+/// place and writes the hidden state to `out` (row `r` at `r * ldo`). Row `r` reads `x[r * ldx..]`
+/// and, if `r < m`, `h[r * ldh..]`. The gates never reach memory (one product instead of an
+/// input projection, a recurrent product added to it and a cell pass over the result).
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_step(
+    isa: Isa,
+    (x, ldx): (&[f32], usize),
+    (h, ldh): (&[f32], usize),
+    (m, n): (usize, usize),
+    w: &PackedLstm,
+    c: &mut [f32],
+    (out, ldo): (&mut [f32], usize),
+) {
+    let hd = w.hidden;
+    assert!(m <= n, "lstm step rows");
+    check_shapes(x, n, ldx, w.input.k, 0, &[]);
+    check_shapes(h, m, ldh, hd, 0, &[]);
+    assert!(c.len() >= n * hd, "lstm step cells");
+    assert!(
+        ldo >= hd && (n == 0 || out.len() >= (n - 1) * ldo + hd),
+        "lstm step output"
+    );
+    isa.require();
+    let rows = StepRows { x, ldx, h, ldh, m };
+    match isa {
+        // SAFETY: the CPU has the features (checked by `isa`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { step_avx512(&rows, n, w, c, out, ldo) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { step_avx2(&rows, n, w, c, out, ldo) },
+        _ => step::<Portable, 1>(&rows, n, w, c, out, ldo),
+    }
+}
+
+/// [`lstm_step`]'s inputs.
+struct StepRows<'a> {
+    x: &'a [f32],
+    ldx: usize,
+    h: &'a [f32],
+    ldh: usize,
+    m: usize,
+}
+
+/// The fused step's register tile: rows x one unit group's four panels (24 of AVX-512's 32
+/// registers); AVX2 holds one row's (8 of its 16).
+const AVX512_STEP_ROWS: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn step_avx512(
+    s: &StepRows<'_>,
+    n: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    step::<x86::Avx512, AVX512_STEP_ROWS>(s, n, w, c, out, ldo)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn step_avx2(
+    s: &StepRows<'_>,
+    n: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    step::<x86::Avx2, 1>(s, n, w, c, out, ldo)
+}
+
+/// Unit groups outermost (a group's weights stay close while every row block passes), rows in
+/// blocks of `R`; a block that straddles the rows with and without a previous state, and the
+/// rows left over, go one row at a time.
+#[inline(always)]
+fn step<L: Lanes, const R: usize>(
+    s: &StepRows<'_>,
+    n: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    // Rows in full tiles; a single row left over takes the last full tile with it, as 3 + 2
+    // (a tile of one row is bound by its loads).
+    let mut full = n - n % R;
+    if R >= 4 && n % R == 1 && full >= R {
+        full -= R;
+    }
+    for unit in 0..w.hidden / NR {
+        let mut r0 = 0;
+        while r0 < full {
+            if r0 + R <= s.m {
+                step_block::<L, R, true>(s, r0, unit, w, c, out, ldo);
+            } else if r0 >= s.m {
+                step_block::<L, R, false>(s, r0, unit, w, c, out, ldo);
+            } else {
+                for r in r0..r0 + R {
+                    step_row::<L>(s, r, unit, w, c, out, ldo);
+                }
+            }
+            r0 += R;
+        }
+        // The rows left over, in tiles of three and two rows where there are as many.
+        let mut r = full;
+        while r < n {
+            let take = match n - r {
+                left if left >= 3 && R > 3 => 3,
+                left if left >= 2 && R > 2 => 2,
+                _ => 1,
+            };
+            if r < s.m && r + take > s.m {
+                for r in r..r + take {
+                    step_row::<L>(s, r, unit, w, c, out, ldo);
+                }
+            } else {
+                match take {
+                    3 => step_tile::<L, 3>(s, r, unit, w, c, out, ldo),
+                    2 => step_tile::<L, 2>(s, r, unit, w, c, out, ldo),
+                    _ => step_row::<L>(s, r, unit, w, c, out, ldo),
+                }
+            }
+            r += take;
+        }
+    }
+}
+
+/// Rows `r0..r0 + R`, all with a previous state or none.
+#[inline(always)]
+fn step_tile<L: Lanes, const R: usize>(
+    s: &StepRows<'_>,
+    r0: usize,
+    unit: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if r0 + R <= s.m {
+        step_block::<L, R, true>(s, r0, unit, w, c, out, ldo);
+    } else {
+        step_block::<L, R, false>(s, r0, unit, w, c, out, ldo);
+    }
+}
+
+#[inline(always)]
+fn step_row<L: Lanes>(
+    s: &StepRows<'_>,
+    r: usize,
+    unit: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    if r < s.m {
+        step_block::<L, 1, true>(s, r, unit, w, c, out, ldo);
+    } else {
+        step_block::<L, 1, false>(s, r, unit, w, c, out, ldo);
+    }
+}
+
+/// Rows `r0..r0 + R`, hidden units `unit * NR..` : the gates in registers (from the bias, then
+/// the input product, then the recurrent one if `REC`), then the cell.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_block<L: Lanes, const R: usize, const REC: bool>(
+    s: &StepRows<'_>,
+    r0: usize,
+    unit: usize,
+    w: &PackedLstm,
+    c: &mut [f32],
+    out: &mut [f32],
+    ldo: usize,
+) {
+    let hd = w.hidden;
+    let (n4, p) = (4 * hd, 4 * unit);
+    fn panels(m: &Packed, p: usize) -> [&[[f32; NR]]; 4] {
+        std::array::from_fn(|q| {
+            &m.data[(p + q) * m.k * NR..(p + q + 1) * m.k * NR]
+                .as_chunks::<NR>()
+                .0[..m.k]
+        })
+    }
+    for r in 0..R {
+        prefetch(&c[(r0 + r) * hd + unit * NR..]);
+    }
+    // SAFETY (all `L` calls): `step` runs only inside a function compiled for `L`'s
+    // instruction set (see `lstm_step`).
+    let init: [L::Acc; 4] = std::array::from_fn(|q| start::<L>(Some(&w.bias), p + q, n4));
+    let mut acc = [init; R];
+    let ki = w.input.k;
+    let (xr, xp): ([&[f32]; R], _) = (
+        std::array::from_fn(|r| &s.x[(r0 + r) * s.ldx..(r0 + r) * s.ldx + ki]),
+        panels(&w.input, p),
+    );
+    for kk in 0..ki {
+        for r in 0..R {
+            let v = xr[r][kk];
+            for q in 0..4 {
+                unsafe { L::axpy(&mut acc[r][q], v, &xp[q][kk]) };
+            }
+        }
+    }
+    if REC {
+        let hr: [&[f32]; R] =
+            std::array::from_fn(|r| &s.h[(r0 + r) * s.ldh..(r0 + r) * s.ldh + hd]);
+        let hp = panels(&w.recurrent, p);
+        for kk in 0..hd {
+            for r in 0..R {
+                let v = hr[r][kk];
+                for q in 0..4 {
+                    unsafe { L::axpy(&mut acc[r][q], v, &hp[q][kk]) };
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let mut g = [0f32; 4 * NR];
+        for (q, acc) in acc.iter().enumerate() {
+            unsafe { L::store(acc, &mut g[q * NR..(q + 1) * NR]) };
+        }
+        let row = r0 + r;
+        let cr = &mut c[row * hd + unit * NR..row * hd + (unit + 1) * NR];
+        let hr = &mut out[row * ldo + unit * NR..row * ldo + (unit + 1) * NR];
+        if L::FUSED {
+            cell::<true>(&g, cr, hr)
+        } else {
+            cell::<false>(&g, cr, hr)
+        }
     }
 }
 
@@ -1198,5 +1492,78 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The fused step against the separate input product, recurrent product and cell on Keras'
+    /// gate order, for every tiling of the rows (1 to 13: full tiles, tails of one, two and three
+    /// rows, a tail of one folded into 3 + 2), every split between rows with and without a
+    /// previous state (tiles straddling it included), strided inputs and outputs, several
+    /// hidden sizes; nothing written outside the hidden states' columns of the `n` rows.
+    #[test]
+    fn the_fused_lstm_step_equals_products_then_cell() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (k, hd) in [(30, 128), (5, 16), (40, 32)] {
+            let n4 = 4 * hd;
+            let mut rand = |len: usize, r: f32| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-r..r)).collect()
+            };
+            let (wi, wr, bias) = (rand(k * n4, 0.3), rand(hd * n4, 0.2), rand(n4, 0.5));
+            let fused = PackedLstm::new(&wi, k, &wr, &bias, hd).expect("a multiple of NR");
+            let (pi, pr) = (Packed::new(&wi, k, n4), Packed::new(&wr, hd, n4));
+            let (ldx, ldh, ldo) = (k + 3, hd + 5, hd + 7);
+            let x = rand(13 * ldx, 2.0);
+            let h = rand(13 * ldh, 1.0);
+            let c0 = rand(13 * hd, 3.0);
+            for n in 1..=13 {
+                for m in 0..=n {
+                    // Reference: the gates in memory, then the cell row by row.
+                    let mut g = vec![0f32; n * n4];
+                    matmul_bias(Isa::Portable, &x, n, ldx, &pi, &bias, &mut g);
+                    matmul_acc(Isa::Portable, &h, m, ldh, &pr, &mut g);
+                    let (mut c_want, mut h_want) = (c0[..n * hd].to_vec(), vec![0f32; n * hd]);
+                    for r in 0..n {
+                        lstm_cell(
+                            Isa::Portable,
+                            &g[r * n4..(r + 1) * n4],
+                            &mut c_want[r * hd..(r + 1) * hd],
+                            &mut h_want[r * hd..(r + 1) * hd],
+                        );
+                    }
+                    for isa in Isa::all_available() {
+                        let mut c = c0[..n * hd].to_vec();
+                        let mut out = vec![f32::NAN; n * ldo];
+                        lstm_step(
+                            isa,
+                            (&x, ldx),
+                            (&h, ldh),
+                            (m, n),
+                            &fused,
+                            &mut c,
+                            (&mut out, ldo),
+                        );
+                        for r in 0..n {
+                            for j in 0..ldo {
+                                let got = out[r * ldo + j];
+                                if j >= hd {
+                                    assert!(got.is_nan(), "wrote past row {r}'s hidden state");
+                                    continue;
+                                }
+                                let (hw, cw, cg) =
+                                    (h_want[r * hd + j], c_want[r * hd + j], c[r * hd + j]);
+                                assert!(
+                                    (got - hw).abs() < 2e-6
+                                        && (cg - cw).abs() < 2e-6 * cw.abs().max(1.0),
+                                    "{} k {k} hidden {hd} n {n} m {m} row {r} unit {j}: h {got} vs {hw}, c {cg} vs {cw}",
+                                    isa.name()
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            PackedLstm::new(&[0.0; 4 * 24], 1, &[0.0; 24 * 24 * 4], &[0.0; 24 * 4], 24).is_none()
+        );
     }
 }

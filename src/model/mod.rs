@@ -176,7 +176,8 @@ mod tests {
     /// The kernels (this CPU's best instruction set) against the reference forward and the
     /// candle network: the notebook's architecture with random weights, random windows of every
     /// padding length 1..=30, one at a time (batch 1) and all together (a batch split over two
-    /// threads), scores and attention within 1e-5.
+    /// threads and in sub-batches, each layer one fused product and cell a step on AVX-512),
+    /// scores and attention within 1e-5.
     #[test]
     fn the_kernels_score_like_the_reference_and_candle_at_every_padding_length() {
         let (window, width) = (30, 30);
@@ -184,8 +185,10 @@ mod tests {
         let (model, varmap) = init(&cfg, 11, &Device::Cpu).unwrap();
         let fast = FastModel::new(&cfg, &weights(&varmap).unwrap()).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        // Every length twice, so the batch (60 + 4) is split over two threads.
+        // Every length three times: the batch (90 + 4) is split over two threads, and each
+        // thread's 47 windows into sub-batches of 24 and 23.
         let lens: Vec<usize> = (1..=window)
+            .chain(1..=window)
             .chain(1..=window)
             .chain([30, 1, 17, 30])
             .collect();
