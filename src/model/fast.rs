@@ -17,7 +17,7 @@ use candle_core::Tensor;
 use super::bf16::{self, PackedBf16};
 use super::config::ModelConfig;
 use super::int8::{self, PackedI8};
-use super::kernel::{self, Isa, Packed, PackedLstm};
+use super::kernel::{self, Isa, Packed, PackedLstm, scratch};
 use super::pool;
 
 /// Batches of at least this many windows are split in two halves, one per core; a single window
@@ -453,15 +453,6 @@ fn fused_steps(
         }
         prev = Some((t, n));
     }
-}
-
-/// `buf` as a slice of `n` floats, grown if needed; its contents are whatever was there (every
-/// user overwrites what it reads).
-fn scratch(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    &mut buf[..n]
 }
 
 /// One thread's buffers, kept between calls so scoring allocates nothing once warm.

@@ -106,7 +106,7 @@ fn detect(_cap: &str) -> Isa {
 
 /// A `[k, n]` weight matrix packed in column panels: panel `p` holds columns `p*NR..p*NR+NR`
 /// of every row, contiguous (`k * NR` floats), zero beyond column `n`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Packed {
     data: Vec<f32>,
     k: usize,
@@ -1085,15 +1085,25 @@ pub struct AttentionRows<'a> {
 /// Buffers [`attention`] reuses between windows.
 #[derive(Debug, Default)]
 pub struct AttentionScratch {
-    kt: Vec<f32>,
+    /// The real keys transposed, packed as the scores' right operand (`[width, keys]`).
+    kt: Packed,
+    /// The real values, packed as the weighted sums' right operand (`[keys, width]`, the keys
+    /// padded with zero rows to the scores' row width).
+    v: Packed,
+    /// Scores, then weights: a row of `keys` rounded up to [`NR`] per real query.
     s: Vec<f32>,
-    v: Vec<f32>,
+    /// The weighted sums, a row of `width` per real query.
+    o: Vec<f32>,
+    /// Zeros: the products start from them (stored, never added to what was there).
+    zero: Vec<f32>,
 }
 
 /// Dot-product self-attention of one window: for each real step `tq`, the softmax over real
 /// steps of `q[tq]·k[tk]`, and `out[tq * out_stride..][..width]` = the weighted sum of `v`
-/// (padding steps' rows of `out` are left as they were); `last` gets the last step's weights. The keys are transposed once so each query's scores are a vector
-/// product over steps, and every loop is one the compiler vectorises for `isa`.
+/// (padding steps' rows of `out` are left as they were); `last` gets the last step's weights.
+/// Both products are the register-tiled kernel's: the real queries times the transposed keys
+/// (packed once per window), then the weights times the values; the softmax runs over rows of
+/// whole lane groups.
 pub fn attention(
     isa: Isa,
     at: &AttentionRows<'_>,
@@ -1122,7 +1132,7 @@ pub fn attention(
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2Fma => unsafe { attend_avx2(at, out, out_stride, last, scratch) },
-        _ => attend::<false>(at, out, out_stride, last, scratch),
+        _ => attend::<Portable, 4, 1>(at, out, out_stride, last, scratch),
     }
 }
 
@@ -1135,7 +1145,7 @@ unsafe fn attend_avx512(
     last: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
-    attend::<true>(at, out, out_stride, last, scratch)
+    attend::<x86::Avx512, AVX512_ROWS, AVX512_PANELS>(at, out, out_stride, last, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1147,144 +1157,103 @@ unsafe fn attend_avx2(
     last: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
-    attend::<true>(at, out, out_stride, last, scratch)
+    attend::<x86::Avx2, AVX2_ROWS, 1>(at, out, out_stride, last, scratch)
 }
 
 #[inline(always)]
-fn attend<'a, const FUSED: bool>(
-    at: &AttentionRows<'a>,
+fn attend<L: Lanes, const R: usize, const Q: usize>(
+    at: &AttentionRows<'_>,
     out: &mut [f32],
     out_stride: usize,
     last: &mut [f32],
     scratch: &mut AttentionScratch,
 ) {
     let (t, a, real) = (at.steps, at.width, at.first_real);
-    let tp = t.next_multiple_of(NR);
-    let row = |m: &'a [f32], step: usize| -> &'a [f32] {
-        let o = at.first + step * at.stride;
-        &m[o..o + a]
-    };
-    if scratch.kt.len() < a * tp {
-        scratch.kt.resize(a * tp, 0.0);
-    }
-    if scratch.s.len() < tp {
-        scratch.s.resize(tp, 0.0);
-    }
-    let kt = &mut scratch.kt[..a * tp];
-    // Keys transposed, [width, tp], padding steps and the columns past `t` zero.
-    for j in 0..a {
-        kt[j * tp..j * tp + real].fill(0.0);
-        kt[j * tp + t..(j + 1) * tp].fill(0.0);
-    }
-    for tk in real..t {
-        for (j, &x) in row(at.k, tk).iter().enumerate() {
-            kt[j * tp + tk] = x;
+    // Real steps (queries and keys alike), and a score row's width.
+    let (n, np) = (t - real, (t - real).next_multiple_of(NR));
+    let row = |i: usize| at.first + (real + i) * at.stride;
+    let AttentionScratch { kt, v, s, o, zero } = scratch;
+    // The keys transposed into panels of NR keys: panel p, row j holds k[p*NR..][..NR][j].
+    kt.data.clear();
+    kt.data.resize(np * a, 0.0);
+    (kt.k, kt.n) = (a, np);
+    for i in 0..n {
+        let (p, lane) = (i / NR, i % NR);
+        let k = &at.k[row(i)..][..a];
+        for (j, &x) in k.iter().enumerate() {
+            kt.data[(p * a + j) * NR + lane] = x;
         }
     }
-    // The values, contiguous: a window's time-major rows lie a batch apart, at a multiple of
-    // 4 KiB for batches of 16 or more, so they all map to the same few L1 sets and evicted one
-    // another on every pass of the weighted sums (those took half the attention's time).
-    if scratch.v.len() < a * t {
-        scratch.v.resize(a * t, 0.0);
-    }
-    let vs = &mut scratch.v[..a * t];
-    for tk in real..t {
-        vs[tk * a..(tk + 1) * a].copy_from_slice(row(at.v, tk));
-    }
-    let vs = &*vs;
-    let s = &mut scratch.s[..tp];
-    // Padding steps' queries are not asked for (their rows are not computed, and no later
-    // layer reads their outputs).
-    for tq in real..t {
-        scores::<FUSED>(row(at.q, tq), kt, tp, s);
-        let max = s[real..t].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        for (tk, x) in s.iter_mut().enumerate() {
-            // Padding weighs nothing.
-            *x = if tk >= real && tk < t {
-                exp(*x - max)
-            } else {
-                0.0
-            };
+    // The values in panels of NR columns, zero rows past the real keys.
+    v.data.clear();
+    v.data.resize(a.div_ceil(NR) * np * NR, 0.0);
+    (v.k, v.n) = (np, a);
+    for i in 0..n {
+        let x = &at.v[row(i)..][..a];
+        for (p, chunk) in x.chunks(NR).enumerate() {
+            v.data[(p * np + i) * NR..][..chunk.len()].copy_from_slice(chunk);
         }
-        let inv = 1.0 / s[..t].iter().sum::<f32>();
-        s.iter_mut().for_each(|x| *x *= inv);
-        let o = &mut out[tq * out_stride..tq * out_stride + a];
-        weighted_sum::<FUSED>(&s[real..t], |tk| &vs[(real + tk) * a..][..a], o);
     }
-    last.copy_from_slice(&s[..t]);
+    if zero.len() < np.max(a) {
+        zero.resize(np.max(a), 0.0);
+    }
+    // Scores of the real queries against every real key.
+    let s = self::scratch(s, n * np);
+    let q = &at.q[at.first + real * at.stride..];
+    matmul::<L, R, Q>(q, n, at.stride, kt, Some(&zero[..np]), s);
+    for w in s.chunks_exact_mut(np) {
+        softmax(w, n);
+    }
+    // Padding weighs nothing.
+    last[..real].fill(0.0);
+    last[real..].copy_from_slice(&s[(n - 1) * np..][..n]);
+    let o = self::scratch(o, n * a);
+    matmul::<L, R, Q>(s, n, np, v, Some(&zero[..a]), o);
+    for (i, o) in o.chunks_exact(a).enumerate() {
+        out[(real + i) * out_stride..][..a].copy_from_slice(o);
+    }
 }
 
-/// `s[tk] = q · kt[.., tk]` for the `tp` columns of the transposed keys `kt [q.len(), tp]`:
-/// four independent partial sums per lane (registers, not memory, carry the sums).
+/// `buf` as a slice of `n` floats, grown if needed; its contents are whatever was there (every
+/// user overwrites what it reads).
+pub(crate) fn scratch(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// The softmax of `w[..n]` in place, zero past `n` (`w.len()` a multiple of [`NR`]); maxima
+/// and sums in [`NR`] lanes, so the loops vectorise.
 #[inline(always)]
-fn scores<const FUSED: bool>(q: &[f32], kt: &[f32], tp: usize, s: &mut [f32]) {
-    let a = q.len();
-    for c in 0..tp / NR {
-        let col = |j: usize| -> &[f32; NR] {
-            kt[j * tp + c * NR..j * tp + (c + 1) * NR]
-                .try_into()
-                .expect("panel width")
+fn softmax(w: &mut [f32], n: usize) {
+    for x in &mut w[n..] {
+        *x = f32::NEG_INFINITY;
+    }
+    let mut max = [f32::NEG_INFINITY; NR];
+    for chunk in w.as_chunks::<NR>().0 {
+        for (m, &x) in max.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let max = max.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    for x in w.iter_mut() {
+        // exp(-inf) would be clamped to e^-87, not zero: padding is set to zero outright.
+        *x = if *x == f32::NEG_INFINITY {
+            0.0
+        } else {
+            exp(*x - max)
         };
-        let mut acc = [[0f32; NR]; 4];
-        let mut j = 0;
-        while j + 4 <= a {
-            for (u, acc) in acc.iter_mut().enumerate() {
-                let (qj, kj) = (q[j + u], col(j + u));
-                acc.iter_mut()
-                    .zip(kj)
-                    .for_each(|(x, k)| *x = madd::<FUSED>(qj, *k, *x));
-            }
-            j += 4;
-        }
-        for (j, &qj) in q.iter().enumerate().skip(j) {
-            acc[0]
-                .iter_mut()
-                .zip(col(j))
-                .for_each(|(x, k)| *x = madd::<FUSED>(qj, *k, *x));
-        }
-        for (l, x) in s[c * NR..(c + 1) * NR].iter_mut().enumerate() {
-            *x = (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+    }
+    let mut sum = [0f32; NR];
+    for chunk in w.as_chunks::<NR>().0 {
+        for (s, &x) in sum.iter_mut().zip(chunk) {
+            *s += x;
         }
     }
-}
-
-/// `out = Σ_i w[i] · rows(i)` over `out.len()` columns, four lane groups at a time in registers.
-#[inline(always)]
-fn weighted_sum<'r, const FUSED: bool>(
-    w: &[f32],
-    rows: impl Fn(usize) -> &'r [f32],
-    out: &mut [f32],
-) {
-    let a = out.len();
-    let mut c0 = 0;
-    while c0 + 4 * NR <= a {
-        let mut acc = [[0f32; NR]; 4];
-        for (i, &wi) in w.iter().enumerate() {
-            let r = &rows(i)[c0..c0 + 4 * NR];
-            for (acc, r) in acc.iter_mut().zip(r.chunks_exact(NR)) {
-                acc.iter_mut()
-                    .zip(r)
-                    .for_each(|(x, v)| *x = madd::<FUSED>(wi, *v, *x));
-            }
-        }
-        for (o, acc) in out[c0..c0 + 4 * NR].chunks_exact_mut(NR).zip(&acc) {
-            o.copy_from_slice(acc);
-        }
-        c0 += 4 * NR;
-    }
-    while c0 + NR <= a {
-        let mut acc = [0f32; NR];
-        for (i, &wi) in w.iter().enumerate() {
-            let r = &rows(i)[c0..c0 + NR];
-            acc.iter_mut()
-                .zip(r)
-                .for_each(|(x, v)| *x = madd::<FUSED>(wi, *v, *x));
-        }
-        out[c0..c0 + NR].copy_from_slice(&acc);
-        c0 += NR;
-    }
-    for (j, o) in out.iter_mut().enumerate().skip(c0) {
-        *o = w.iter().enumerate().map(|(i, &wi)| wi * rows(i)[j]).sum();
+    let inv = 1.0 / sum.iter().sum::<f32>();
+    for x in w.iter_mut() {
+        *x *= inv;
     }
 }
 
