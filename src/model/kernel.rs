@@ -1,6 +1,8 @@
 //! Scoring kernels for these CPUs: a register-tiled matrix product over weights packed once at
-//! load time, and the LSTM cell's gates with vectorised activations, each compiled three times
-//! (AVX-512, AVX2+FMA, portable) and chosen at run time ([`isa`]).
+//! load time, the LSTM cell's gates with vectorised activations, the two fused into one LSTM
+//! step ([`lstm_step`]: the gates go from the product's registers through the cell) and the
+//! attention on the same product, each compiled three times (AVX-512, AVX2+FMA, portable) and
+//! chosen at run time ([`isa`]).
 //!
 //! Why not a general GEMM library: a scoring call multiplies a few rows (one per window in the
 //! batch, at batch 1 a single row) by the same weights 30 times per layer. General GEMMs pack the
