@@ -356,14 +356,7 @@ impl LstmW {
         let row = |t: usize, i: usize| (t * b + i) * ldo + col;
         let gx = scratch(gx, t_len * b * h4);
         self.input_w.apply_steps(x, ldx, b, active, gx, path);
-        // The previous step computed and its real rows.
-        let mut prev: Option<(usize, usize)> = None;
-        for step in 0..t_len {
-            let t = if reverse { t_len - 1 - step } else { step };
-            let n = active[t];
-            if n == 0 {
-                continue;
-            }
+        for (t, n, prev) in real_steps(active, reverse) {
             let g = &mut gx[t * b * h4..(t * b + n) * h4];
             if let Some((p, np)) = prev {
                 // The recurrent product of the rows that were real at the previous step (the
@@ -406,9 +399,24 @@ impl LstmW {
                     }
                 }
             }
-            prev = Some((t, n));
         }
     }
+}
+
+/// The steps a layer computes, in its direction: `(t, n, prev)` for each step with real rows
+/// (its first `n`), `prev` the step computed before it and that step's real rows.
+fn real_steps(
+    active: &[usize],
+    reverse: bool,
+) -> impl Iterator<Item = (usize, usize, Option<(usize, usize)>)> + '_ {
+    let t_len = active.len();
+    (0..t_len)
+        .map(move |step| if reverse { t_len - 1 - step } else { step })
+        .filter(|&t| active[t] > 0)
+        .scan(None, |prev, t| {
+            let before = prev.replace((t, active[t]));
+            Some((t, active[t], before))
+        })
 }
 
 /// [`LstmW::run`] (same arguments, `c` zeroed) one fused product and cell a step
@@ -424,17 +432,9 @@ fn fused_steps(
     c: &mut [f32],
 ) {
     let Rows { x, ldx, ldo, col } = rows;
-    let t_len = active.len();
     let row = |t: usize| t * b * ldo + col;
     let isa = Isa::Avx512;
-    // The previous step computed and its real rows.
-    let mut prev: Option<(usize, usize)> = None;
-    for step in 0..t_len {
-        let t = if reverse { t_len - 1 - step } else { step };
-        let n = active[t];
-        if n == 0 {
-            continue;
-        }
+    for (t, n, prev) in real_steps(active, reverse) {
         let xt = (&x[t * b * ldx..], ldx);
         match prev {
             Some((p, np)) => {
@@ -451,7 +451,6 @@ fn fused_steps(
             }
             None => kernel::lstm_step(isa, xt, (&[], ldo), (0, n), w, c, (&mut out[row(t)..], ldo)),
         }
-        prev = Some((t, n));
     }
 }
 

@@ -744,8 +744,10 @@ struct StepRows<'a> {
     m: usize,
 }
 
-/// The fused step's register tile: rows x one unit group's four panels (24 of AVX-512's 32
-/// registers); AVX2 holds one row's (8 of its 16).
+/// The fused step's register tile: rows x one unit group's four panels, 16 of AVX-512's 32
+/// registers (5 and 6 rows measured slower: the compiler spilled accumulators or reloaded
+/// panels); AVX2 holds one row's (8 of its 16), which is why scoring keeps AVX2 on the separate
+/// products and cell.
 const AVX512_STEP_ROWS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
