@@ -546,8 +546,9 @@ fn block<L: Lanes, const R: usize, const Q: usize>(
     }
     // SAFETY (all `L` calls): `matmul` runs only inside a function compiled for `L`'s
     // instruction set (see `matmul_acc`).
-    let init: [L::Acc; Q] = std::array::from_fn(|q| start::<L>(bias, p + q, n));
-    let mut acc = [init; R];
+    let mut acc: [[L::Acc; Q]; R] = std::array::from_fn(|r| {
+        std::array::from_fn(|q| start::<L>(bias, p + q, n, &out[(r0 + r) * n..]))
+    });
     for kk in 0..k {
         for r in 0..R {
             let s = rows[r][kk];
@@ -561,34 +562,22 @@ fn block<L: Lanes, const R: usize, const Q: usize>(
             let c0 = (p + q) * NR;
             let cols = NR.min(n - c0);
             let o = &mut out[(r0 + r) * n + c0..(r0 + r) * n + c0 + cols];
-            unsafe { finish::<L>(bias.is_some(), acc, o) };
+            unsafe { L::store(acc, o) };
         }
     }
 }
 
-/// The accumulators of panel `p` before any product: its bias, or zero.
+/// The accumulators of panel `p` of an output row (`row`, `n` floats) before any product: the
+/// bias, or what the row holds (the product then continues its sum: `matmul_acc` after
+/// `matmul_bias` adds in the same order as one product over both, so an LSTM step's gates come
+/// out bit for bit as in the fused step, [`lstm_step`], and a window scores the same whichever
+/// path its batch takes).
 #[inline(always)]
-fn start<L: Lanes>(bias: Option<&[f32]>, p: usize, n: usize) -> L::Acc {
+fn start<L: Lanes>(bias: Option<&[f32]>, p: usize, n: usize, row: &[f32]) -> L::Acc {
     let c0 = p * NR;
+    let from = bias.unwrap_or(row);
     // SAFETY: as in `block`.
-    match bias {
-        Some(b) => unsafe { L::load(&b[c0..(c0 + NR).min(n)]) },
-        None => unsafe { L::zero() },
-    }
-}
-
-/// Writes a panel's accumulators: stored over `out` when they started from the bias, added to
-/// it otherwise.
-///
-/// # Safety
-/// As [`Lanes`]' methods.
-#[inline(always)]
-unsafe fn finish<L: Lanes>(store: bool, acc: &L::Acc, out: &mut [f32]) {
-    if store {
-        unsafe { L::store(acc, out) }
-    } else {
-        unsafe { L::add_to(acc, out) }
-    }
+    unsafe { L::load(&from[c0..(c0 + NR).min(n)]) }
 }
 
 /// Asks the CPU to bring the cache lines of `x`'s first [`NR`] floats into L1 (a hint: no
@@ -634,7 +623,7 @@ fn row_panels<L: Lanes, const P: usize>(
         prefetch(&out[r * n + (p + q) * NR..]);
     }
     // SAFETY (all `L` calls): as in `block`.
-    let mut acc: [L::Acc; P] = std::array::from_fn(|q| start::<L>(bias, p + q, n));
+    let mut acc: [L::Acc; P] = std::array::from_fn(|q| start::<L>(bias, p + q, n, &out[r * n..]));
     for (kk, &s) in row.iter().enumerate() {
         for q in 0..P {
             unsafe { L::axpy(&mut acc[q], s, &panels[q][kk]) };
@@ -643,7 +632,7 @@ fn row_panels<L: Lanes, const P: usize>(
     for (q, acc) in acc.iter().enumerate() {
         let c0 = (p + q) * NR;
         let cols = NR.min(n - c0);
-        unsafe { finish::<L>(bias.is_some(), acc, &mut out[r * n + c0..r * n + c0 + cols]) };
+        unsafe { L::store(acc, &mut out[r * n + c0..r * n + c0 + cols]) };
     }
 }
 
@@ -894,7 +883,7 @@ fn step_block<L: Lanes, const R: usize, const REC: bool>(
     }
     // SAFETY (all `L` calls): `step` runs only inside a function compiled for `L`'s
     // instruction set (see `lstm_step`).
-    let init: [L::Acc; 4] = std::array::from_fn(|q| start::<L>(Some(&w.bias), p + q, n4));
+    let init: [L::Acc; 4] = std::array::from_fn(|q| start::<L>(Some(&w.bias), p + q, n4, &[]));
     let mut acc = [init; R];
     let ki = w.input.k;
     let (xr, xp): ([&[f32]; R], _) = (
@@ -1489,20 +1478,21 @@ mod tests {
             let c0 = rand(13 * hd, 3.0);
             for n in 1..=13 {
                 for m in 0..=n {
-                    // Reference: the gates in memory, then the cell row by row.
-                    let mut g = vec![0f32; n * n4];
-                    matmul_bias(Isa::Portable, &x, n, ldx, &pi, &bias, &mut g);
-                    matmul_acc(Isa::Portable, &h, m, ldh, &pr, &mut g);
-                    let (mut c_want, mut h_want) = (c0[..n * hd].to_vec(), vec![0f32; n * hd]);
-                    for r in 0..n {
-                        lstm_cell(
-                            Isa::Portable,
-                            &g[r * n4..(r + 1) * n4],
-                            &mut c_want[r * hd..(r + 1) * hd],
-                            &mut h_want[r * hd..(r + 1) * hd],
-                        );
-                    }
                     for isa in Isa::all_available() {
+                        // Reference: the gates in memory, then the cell row by row, on the same
+                        // instruction set: the fused step must give the same bits.
+                        let mut g = vec![0f32; n * n4];
+                        matmul_bias(isa, &x, n, ldx, &pi, &bias, &mut g);
+                        matmul_acc(isa, &h, m, ldh, &pr, &mut g);
+                        let (mut c_want, mut h_want) = (c0[..n * hd].to_vec(), vec![0f32; n * hd]);
+                        for r in 0..n {
+                            lstm_cell(
+                                isa,
+                                &g[r * n4..(r + 1) * n4],
+                                &mut c_want[r * hd..(r + 1) * hd],
+                                &mut h_want[r * hd..(r + 1) * hd],
+                            );
+                        }
                         let mut c = c0[..n * hd].to_vec();
                         let mut out = vec![f32::NAN; n * ldo];
                         lstm_step(
@@ -1524,8 +1514,7 @@ mod tests {
                                 let (hw, cw, cg) =
                                     (h_want[r * hd + j], c_want[r * hd + j], c[r * hd + j]);
                                 assert!(
-                                    (got - hw).abs() < 2e-6
-                                        && (cg - cw).abs() < 2e-6 * cw.abs().max(1.0),
+                                    got.to_bits() == hw.to_bits() && cg.to_bits() == cw.to_bits(),
                                     "{} k {k} hidden {hd} n {n} m {m} row {r} unit {j}: h {got} vs {hw}, c {cg} vs {cw}",
                                     isa.name()
                                 );
