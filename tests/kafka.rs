@@ -246,8 +246,12 @@ fn readiness_follows_partitions_and_broker_reachability() {
     .unwrap();
     let addr = serve.wait_ready(Duration::from_secs(60));
     assert!(common::detector::get(&addr, "/healthz").0.contains("200"));
-    let (_, text) = common::detector::get(&addr, "/metrics");
-    assert_eq!(metric(&text, "fraudstream_broker_up"), 1.0);
+    // The gauge follows librdkafka's periodic statistics, which can catch a connection
+    // between requests (seen once on a slow host right after readiness): it must settle at 1.
+    common::wait_until(Duration::from_secs(30), "fraudstream_broker_up 1", || {
+        let (_, text) = common::detector::get(&addr, "/metrics");
+        (metric(&text, "fraudstream_broker_up") == 1.0).then_some(())
+    });
     tansu.kill().unwrap();
     tansu.wait().unwrap();
     let killed = std::time::Instant::now();
@@ -718,8 +722,11 @@ fn rebalances_are_cooperative() {
     );
     let assigned_b: usize = rebalance_lines(&log_b, "partitions assigned").iter().sum();
     assert_eq!(assigned_b, 2, "{log_b}");
-    assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
-    assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
+    // 60 s: on a slow host (a 2 GHz Skylake VM) B once took over 30 s to exit after its
+    // drain; the shutdown deadline itself is tested by
+    // sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout.
+    assert_eq!(b.stop(Duration::from_secs(60)).0, 0);
+    assert_eq!(a.stop(Duration::from_secs(60)).0, 0);
 }
 
 /// Membership is static: a member restarted with the same `--instance-id` within the session
@@ -773,6 +780,9 @@ fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
         "{}",
         b.log()
     );
-    assert_eq!(b.stop(Duration::from_secs(30)).0, 0);
-    assert_eq!(a.stop(Duration::from_secs(30)).0, 0);
+    // 60 s: on a slow host (a 2 GHz Skylake VM) B once took over 30 s to exit after its
+    // drain; the shutdown deadline itself is tested by
+    // sigterm_with_the_broker_gone_exits_within_the_shutdown_timeout.
+    assert_eq!(b.stop(Duration::from_secs(60)).0, 0);
+    assert_eq!(a.stop(Duration::from_secs(60)).0, 0);
 }

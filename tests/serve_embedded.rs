@@ -293,6 +293,9 @@ fn serving_scores_equal_offline_evaluation_scores() {
 fn reduced_precision_serving_close_to_f32_evaluation(precision: &str) {
     let dir = tempfile::tempdir().unwrap();
     let input = simulate(dir.path(), "cards.csv", &["--days", "6", "--cards", "150"]);
+    if !precision_available(precision) {
+        return refused_without_the_cpu_feature(&input, precision);
+    }
     let (_, scores, _, _) = serve(&input, dir.path(), &["--precision", precision]);
     let offline = dir.path().join("offline.csv");
     fraudstream()
@@ -320,13 +323,58 @@ fn reduced_precision_serving_close_to_f32_evaluation(precision: &str) {
     assert!(differ > 0, "no score changed: {precision} did not run");
 }
 
-/// This machine has AVX512_BF16.
+/// Whether this CPU runs `precision` (bf16 needs AVX512_BF16, int8 AVX512_VNNI).
+fn precision_available(precision: &str) -> bool {
+    match precision {
+        "bf16" => fraudstream::model::bf16::available(),
+        "int8" => fraudstream::model::int8::available(),
+        _ => true,
+    }
+}
+
+/// On a CPU without the instructions (a Skylake Xeon has neither), serving and evaluation
+/// refuse the precision with an error that names the missing feature, and score nothing.
+fn refused_without_the_cpu_feature(input: &Path, precision: &str) {
+    let feature = if precision == "bf16" {
+        "AVX512_BF16"
+    } else {
+        "AVX512_VNNI"
+    };
+    for args in [
+        vec!["serve", "--input", "-", "--precision", precision],
+        vec![
+            "evaluate",
+            "--no-report",
+            "--precision",
+            precision,
+            "--data",
+        ],
+    ] {
+        let mut cmd = fraudstream();
+        cmd.args(&args);
+        if args[0] == "evaluate" {
+            cmd.arg(input);
+        }
+        let out = cmd.write_stdin("").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--precision {precision} needs a CPU with {feature}"
+            )),
+            "{args:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{args:?} scored: {:?}", out.stdout);
+    }
+}
+
+/// Scores on a machine with AVX512_BF16; elsewhere the refusal.
 #[test]
 fn bf16_serving_scores_close_to_f32_evaluation() {
     reduced_precision_serving_close_to_f32_evaluation("bf16");
 }
 
-/// This machine has AVX512_VNNI.
+/// Scores on a machine with AVX512_VNNI; elsewhere the refusal.
 #[test]
 fn int8_serving_scores_close_to_f32_evaluation() {
     reduced_precision_serving_close_to_f32_evaluation("int8");
@@ -339,6 +387,9 @@ fn int8_serving_scores_close_to_f32_evaluation() {
 fn evaluate_reports_what_a_precision_changes_against_another() {
     let dir = tempfile::tempdir().unwrap();
     let input = simulate(dir.path(), "cards.csv", &["--days", "6", "--cards", "150"]);
+    if !precision_available("int8") {
+        return refused_without_the_cpu_feature(&input, "int8");
+    }
     let eval = |extra: &[&str]| -> serde_json::Value {
         let out = fraudstream()
             .args(["evaluate", "--json", "--no-report", "--data"])
