@@ -15,13 +15,14 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
             "--cards",
             "800",
             // A rate the unoptimised test build sustains beside the other tests (it scores a few
-            // hundred a second): the latency is then the detector's, not a backlog's.
+            // hundred a second, under 100 on a 2 GHz Skylake host): the latency is then the
+            // detector's, not a backlog's.
             "--rate",
-            "200",
+            "60",
             "--http",
             "127.0.0.1:0",
         ])
-        .timeout(std::time::Duration::from_secs(120))
+        .timeout(std::time::Duration::from_secs(240))
         .output()
         .unwrap();
     common::assert_success(&out);
@@ -63,7 +64,7 @@ fn demo_runs_the_whole_pipeline_and_exits_on_its_own() {
         "{stderr}"
     );
     assert!(
-        summary.contains("streamed at 200 tx/s: the detector's own latency"),
+        summary.contains("streamed at 60 tx/s: the detector's own latency"),
         "{summary}"
     );
     let p99: f64 = summary
@@ -181,7 +182,8 @@ fn bench_prints_the_documented_json() {
             "--load-levels",
             "0.5",
         ])
-        .timeout(std::time::Duration::from_secs(120))
+        // The test build on a slow host (a 2 GHz Skylake VM) took over 120 s once.
+        .timeout(std::time::Duration::from_secs(300))
         .output()
         .unwrap();
     common::assert_success(&out);
