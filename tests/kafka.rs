@@ -792,3 +792,29 @@ fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
     assert_eq!(b.stop(Duration::from_secs(60)).0, 0);
     assert_eq!(a.stop(Duration::from_secs(60)).0, 0);
 }
+
+/// `bench --brokers` runs its end-to-end part against a real broker: the group's start
+/// offsets are committed before the detector joins (so it starts as a deployed detector
+/// restarts, without librdkafka's late offset reset), the load generator's producer is
+/// connected before its clock starts, and every simulated transaction is scored.
+#[test]
+fn bench_runs_its_end_to_end_part_against_a_real_broker() {
+    let brokers = brokers();
+    let out = fraudstream()
+        .args(["bench", "--json", "--brokers", &brokers, "--days", "1"])
+        .args(["--rate", "0", "--seconds", "0.05", "--replay-rate", "0"])
+        .args(["--restore-cards", "0", "--load-levels="])
+        .timeout(Duration::from_secs(300))
+        .output()
+        .unwrap();
+    common::assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["end_to_end_broker"].as_str(), Some("external"), "{v}");
+    assert!(v["transactions"].as_u64().unwrap() > 1_000, "{v}");
+    assert!(v["end_to_end_tx_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let (p50, p99) = (
+        v["latency_ms"]["p50"].as_f64().unwrap(),
+        v["latency_ms"]["p99"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{v}");
+}

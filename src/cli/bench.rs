@@ -12,7 +12,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use super::demo::{DemoBroker, replay_days, replay_simulation};
+use super::demo::{DemoBroker, commit_start_offsets, replay_days, replay_simulation};
 use crate::features::StateLimits;
 use crate::model::{Bundle, FastModel, ModelConfig, init, weights};
 use crate::observe::Metrics;
@@ -384,6 +384,8 @@ fn e2e_run(
         rt.block_on(broker.create_topic(&changelog, 4))?;
     }
     let brokers = broker.brokers.clone();
+    let group = format!("bench-{suffix}");
+    commit_start_offsets(&brokers, &group, &input)?;
     let stats = rt.block_on(async {
         // Production starts once the detector holds its partitions, so the group join is not
         // counted as latency.
@@ -392,12 +394,11 @@ fn e2e_run(
             let (brokers, input, assigned) = (brokers.clone(), input.clone(), assigned.clone());
             let rate = (rate > 0.0).then_some(rate);
             tokio::spawn(async move {
-                assigned.notified().await;
-                replay_simulation(&brokers, &input, sim, rate).await
+                let start = async move { assigned.notified().await };
+                replay_simulation(&brokers, &input, sim, rate, start).await
             })
         };
-        let mut settings =
-            KafkaSettings::new(&brokers, &format!("bench-{suffix}"), &input, &alerts);
+        let mut settings = KafkaSettings::new(&brokers, &group, &input, &alerts);
         settings.on_assigned = Some(assigned);
         settings.extra = broker.detector_overrides();
         settings.changelog_topic = args.changelog.then(|| changelog.clone());
@@ -715,15 +716,17 @@ fn replay_pacing(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_js
         &topic,
         &format!("bench-replay-alerts-{suffix}"),
     ))?;
-    let began = Instant::now();
-    let sent = rt.block_on(replay_days(
+    // The pacer is timed, not the producer's start: its clock starts once the producer has had
+    // time to get its idempotent producer id.
+    let replayed = rt.block_on(replay_days(
         &broker.brokers,
         &topic,
         &days,
         Some(args.replay_rate),
         super::demo::BENCH_LINGER_MS,
+        async { tokio::time::sleep(super::demo::PRODUCER_ID_RETRY).await },
     ))?;
-    let achieved = sent as f64 / began.elapsed().as_secs_f64();
+    let (sent, achieved) = (replayed.count, replayed.count as f64 / replayed.seconds);
     drop(broker);
     if !args.json {
         println!(
