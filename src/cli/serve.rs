@@ -16,7 +16,7 @@ use crate::observe::{Metrics, ModelsReport, QualitySettings, Role, spawn_server_
 use crate::schema::{Format, Span, StateScope};
 use crate::state::cache::{DEFAULT_FLUSH_INTERVAL, MAX_FLUSH_INTERVAL};
 use crate::stream::file::{Endpoint, FileSink, FileSource};
-use crate::stream::kafka::{DEFAULT_TRANSACTION_INTERVAL, KafkaSettings, run_kafka};
+use crate::stream::kafka::{CLOSE_TIMEOUT, DEFAULT_TRANSACTION_INTERVAL, KafkaSettings, run_kafka};
 use crate::stream::rollout::{Rollout, spawn_admin};
 use crate::stream::{
     BatchSettings, DEFAULT_MAX_DEAD_LETTER_PAYLOAD_BYTES, DEFAULT_MAX_FUTURE_SKEW,
@@ -279,6 +279,45 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("shutdown requested: draining");
 }
 
+/// How long past `--shutdown-timeout-s` the rest of a shutdown (closing the Kafka clients,
+/// stopping the runtime) may take before the watchdog ends the process.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the runtime's remaining tasks may take to stop once the run has ended.
+const RUNTIME_STOP: Duration = Duration::from_secs(2);
+
+/// [`shutdown_signal`], after which the process is held to `limit`: see [`arm_exit_watchdog`].
+async fn shutdown_within(limit: Duration) {
+    shutdown_signal().await;
+    arm_exit_watchdog(limit, || std::process::exit(2));
+}
+
+/// The last line of defence of `--shutdown-timeout-s`: every step of a shutdown has its own
+/// bound (the drain, the final commit, closing the clients), and this thread calls `exit` if the
+/// process is still there `limit` after the signal anyway - a client stuck in a call that
+/// takes no timeout must not keep a detector that was asked to stop (an orchestrator then
+/// kills it without a word). What was acknowledged is committed by then or read again
+/// (at-least-once).
+fn arm_exit_watchdog(limit: Duration, exit: impl FnOnce() + Send + 'static) {
+    let armed = std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            tracing::error!(
+                "shutdown still running {:.0}s after the signal (--shutdown-timeout-s, then {}s \
+                 to close the clients and {}s to stop): exiting with code 2; the last steps \
+                 logged above say where it stopped",
+                limit.as_secs_f64(),
+                CLOSE_TIMEOUT.as_secs(),
+                EXIT_GRACE.as_secs()
+            );
+            exit();
+        });
+    if let Err(e) = armed {
+        tracing::warn!("no shutdown watchdog: {e}");
+    }
+}
+
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     crate::model::set_precision(args.precision).map_err(anyhow::Error::msg)?;
     let effective = super::config::effective();
@@ -291,6 +330,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(settings = %line, "configuration (flags > environment > file > defaults; secrets redacted)");
     }
     let (settings, batch) = args.settings()?;
+    let exit_limit = batch.drain_timeout + CLOSE_TIMEOUT + EXIT_GRACE;
     let bundle = Bundle::load_or_default(args.model.as_deref(), &Device::Cpu)
         .context("loading the model")?;
     tracing::info!(
@@ -367,7 +407,7 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 source,
                 sink,
                 batch,
-                shutdown_signal(),
+                shutdown_within(exit_limit),
                 |_| {},
             ))
         }
@@ -401,7 +441,12 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 on_assigned: None,
             };
             tracing::info!(brokers = %settings.brokers, group = %settings.group, topic = %settings.input_topic, "consuming");
-            rt.block_on(run_kafka(detector, settings, shutdown_signal(), |_| {}))
+            rt.block_on(run_kafka(
+                detector,
+                settings,
+                shutdown_within(exit_limit),
+                |_| {},
+            ))
         }
         (None, None) => anyhow::bail!("give --input (embedded mode) or --brokers (Kafka mode)"),
     };
@@ -414,6 +459,9 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
+    // Tasks left (the HTTP server, signal listeners) get a bounded time to stop: dropping the
+    // runtime would wait for its blocking threads without limit.
+    rt.shutdown_timeout(RUNTIME_STOP);
     match crate::observe::log_format() {
         crate::observe::LogFormat::Text => eprintln!("{}", stats.summary()),
         crate::observe::LogFormat::Json => tracing::info!(
@@ -425,4 +473,22 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exit_watchdog_fires_once_its_limit_has_passed_and_not_before() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let armed = std::time::Instant::now();
+        arm_exit_watchdog(Duration::from_millis(300), move || {
+            let _ = tx.send(armed.elapsed());
+        });
+        let fired = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the watchdog fired");
+        assert!(fired >= Duration::from_millis(300), "{fired:?}");
+    }
 }

@@ -53,6 +53,8 @@ pub struct Labels {
     pub task: tokio::task::JoinHandle<()>,
     /// True once the label-rate tables hold the topic's history (at once without them).
     pub restored: watch::Receiver<bool>,
+    /// The consumer (the task holds a clone), closed by the caller once the task has ended.
+    pub consumer: Arc<StreamConsumer>,
 }
 
 /// Starts reading `topic` (from its beginning when the spec has label-rate features, else
@@ -80,6 +82,7 @@ pub fn spawn_labels(
     let (restored_tx, restored) = watch::channel(!history);
     detector.metrics().set_restored(!history);
     let (topic, dead_letter_topic) = (topic.to_string(), s.dead_letter_topic.clone());
+    let closing = consumer.clone();
     let task = tokio::spawn(async move {
         let start = if history {
             Offset::Beginning
@@ -151,7 +154,11 @@ pub fn spawn_labels(
             }
         }
     });
-    Ok(Labels { task, restored })
+    Ok(Labels {
+        task,
+        restored,
+        consumer: closing,
+    })
 }
 
 /// Waits for the topic to exist, then takes all of its partitions at `start`; returns the

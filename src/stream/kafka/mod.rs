@@ -85,9 +85,8 @@ pub async fn run_kafka(
             .map_err(setup)?,
     );
     consumer.subscribe(&[&s.input_topic]).map_err(setup)?;
-    // Held to the end so that the consumer's close (leaving the group) happens here, bounded.
-    let closing = consumer.clone();
-    // Dead letters of labels carry no offsets: outside any transaction.
+    // Dead letters of labels carry no offsets: outside any transaction. (Without exactly-once,
+    // the sink's producer; held to the end, where it is closed.)
     let label_producer = if transactor.is_some() {
         let plain = KafkaSettings {
             exactly_once: None,
@@ -98,9 +97,10 @@ pub async fn run_kafka(
         producer.clone()
     };
     let labels = match &s.labels_topic {
-        Some(topic) => {
-            Some(labels::spawn_labels(detector.clone(), &s, topic, label_producer).map_err(setup)?)
-        }
+        Some(topic) => Some(
+            labels::spawn_labels(detector.clone(), &s, topic, label_producer.clone())
+                .map_err(setup)?,
+        ),
         None => None,
     };
     let restored = labels.as_ref().map(|l| l.restored.clone());
@@ -132,38 +132,97 @@ pub async fn run_kafka(
         sink = sink.with_changelog(topic.clone(), s.changelog_flush, detector.metrics().clone());
     }
     if let Some(t) = transactor {
-        sink = sink.with_transactions(t, consumer);
+        sink = sink.with_transactions(t, consumer.clone());
     }
     let stats = crate::stream::run(detector, source, sink, s.batch, shutdown, progress).await;
+    let mut clients: Vec<Closing> = Vec::new();
     if let Some(l) = labels {
         l.task.abort();
+        // Resolves once the task's future (and its clones of the clients) is dropped.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, l.task).await;
+        clients.push(("labels consumer", Box::new(l.consumer)));
     }
     if let Some(t) = snapshots {
         t.abort();
     }
-    close_consumer(closing).await;
+    // The consumer leaves the group and the producer is destroyed here, bounded: both are held
+    // to the end for that (the source, the sink and the tasks that held clones are gone by now).
+    // After a drain timeout the source was left as it was, holding its clone.
+    let others = Arc::strong_count(&consumer) - 1;
+    if others > 0 && stats.is_ok() {
+        tracing::warn!(
+            others,
+            "the consumer is still referenced elsewhere: it leaves the group when the last \
+             reference goes, without the close timeout"
+        );
+    }
+    clients.push(("consumer", Box::new(consumer)));
+    clients.push(("producer", Box::new(label_producer)));
+    close_clients(clients, CLOSE_TIMEOUT).await;
     stats
 }
 
-/// How long leaving the group at the end may take: offsets are already committed, so a close
-/// that waits on a rebalance the broker does not finish is given up (the broker expires the
-/// membership after `session.timeout.ms`) rather than holding the process past its shutdown
-/// deadline.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long closing the clients at the end may take, all of them together (leaving the group,
+/// destroying the producers): offsets are already committed, so a close that waits on a
+/// rebalance the broker does not finish, or on a broker that stopped answering, is given up (the
+/// broker expires the membership after `session.timeout.ms`) rather than holding the process
+/// past its shutdown deadline.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Closes the consumer (its last reference) off the runtime, waiting at most [`CLOSE_TIMEOUT`].
-async fn close_consumer(consumer: Arc<StreamConsumer<GroupContext>>) {
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        drop(consumer);
-        let _ = done_tx.send(());
-    });
-    if tokio::time::timeout(CLOSE_TIMEOUT, done_rx).await.is_err() {
-        tracing::warn!(
-            timeout_s = CLOSE_TIMEOUT.as_secs(),
-            "leaving the consumer group did not finish in time (offsets are committed; the \
-             broker expires the membership after the session timeout)"
-        );
+/// A client whose last reference is dropped at the end (which closes it: librdkafka's
+/// `rd_kafka_consumer_close` and `rd_kafka_destroy` block until the broker answers or the
+/// client gives up).
+type Closing = (&'static str, Box<dyn Send>);
+
+/// Closes `clients` (their last references), each on its own thread, waiting at most `timeout`
+/// for all of them together. The wait does not depend on the runtime's timers (it blocks a
+/// blocking-pool thread on a channel), so a runtime whose workers are busy cannot stretch it.
+/// Each close is logged with its duration; one not finished in time is logged and left behind.
+async fn close_clients(clients: Vec<Closing>, timeout: std::time::Duration) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let names: Vec<&'static str> = clients.iter().map(|c| c.0).collect();
+    let began = std::time::Instant::now();
+    for (name, client) in clients {
+        let done = done_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("close-{name}"))
+            .spawn(move || {
+                drop(client);
+                let _ = done.send(name);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("closing the {name}: no thread for it ({e}); left open");
+        }
+    }
+    drop(done_tx);
+    let waited = tokio::task::spawn_blocking(move || {
+        let deadline = began + timeout;
+        let mut closed = Vec::new();
+        while closed.len() < names.len() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match done_rx.recv_timeout(left) {
+                Ok(name) => {
+                    tracing::info!(seconds = began.elapsed().as_secs_f64(), "{name} closed");
+                    closed.push(name);
+                }
+                Err(_) => break,
+            }
+        }
+        names
+            .into_iter()
+            .filter(|n| !closed.contains(n))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match waited {
+        Ok(open) if open.is_empty() => {}
+        Ok(open) => tracing::warn!(
+            timeout_s = timeout.as_secs_f64(),
+            still_closing = %open.join(", "),
+            "closing the Kafka clients did not finish in time (offsets are committed; the broker \
+             expires the membership after the session timeout)"
+        ),
+        Err(e) => tracing::warn!("closing the Kafka clients: {e}"),
     }
 }
 
