@@ -281,7 +281,7 @@ pub(crate) async fn shutdown_signal() {
 
 /// How long past `--shutdown-timeout-s` the rest of a shutdown (closing the Kafka clients,
 /// stopping the runtime) may take before the watchdog ends the process.
-const EXIT_GRACE: Duration = Duration::from_secs(5);
+const EXIT_GRACE: Duration = Duration::from_secs(3);
 
 /// How long the runtime's remaining tasks may take to stop once the run has ended.
 const RUNTIME_STOP: Duration = Duration::from_secs(2);
