@@ -802,11 +802,13 @@ fn a_static_member_restarted_gets_its_partitions_back_without_a_rebalance() {
 /// Leaving the group (which revokes the partitions) happened in the close that the detector
 /// bounds, not when some later holder dropped the consumer: CI once saw a member hang for
 /// over 60 s there, after its drain, because a second reference outlived the bounded close.
+/// (A close that the broker holds past the bound is given up with a warning naming it.)
 fn assert_left_in_the_bounded_close(log: &str) {
     let revoked = log.rfind("partitions revoked");
     let closed = log.rfind("consumer closed");
+    let given_up = log.contains("the consumer did not close in time");
     assert!(
-        matches!((revoked, closed), (Some(r), Some(c)) if r < c),
+        given_up || matches!((revoked, closed), (Some(r), Some(c)) if r < c),
         "the partitions are revoked before the consumer's close ends:\n{log}"
     );
 }

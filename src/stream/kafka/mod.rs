@@ -216,13 +216,15 @@ async fn close_clients(clients: Vec<Closing>, timeout: std::time::Duration) {
     })
     .await;
     match waited {
-        Ok(open) if open.is_empty() => {}
-        Ok(open) => tracing::warn!(
-            timeout_s = timeout.as_secs_f64(),
-            still_closing = %open.join(", "),
-            "closing the Kafka clients did not finish in time (offsets are committed; the broker \
-             expires the membership after the session timeout)"
-        ),
+        Ok(open) => {
+            for name in open {
+                tracing::warn!(
+                    timeout_s = timeout.as_secs_f64(),
+                    "the {name} did not close in time: left behind (offsets are committed; the \
+                     broker expires a membership after the session timeout)"
+                );
+            }
+        }
         Err(e) => tracing::warn!("closing the Kafka clients: {e}"),
     }
 }
