@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::broker::{brokers, unique};
-use common::detector::{Serve, Topics, create_topics, get, metric, produce_raw, read_topic};
+use common::detector::{
+    Serve, Topics, counter, create_topics, get, metric, produce_raw, read_topic,
+};
 use common::prometheus::Prometheus;
 use common::{browser, fraudstream, simulate};
 
@@ -284,7 +286,8 @@ fn two_members_split_the_labels_like_the_cards() {
         .arg(&file)
         .assert()
         .success();
-    let joined = |t: &str| metric(t, "fraudstream_labels_total{source=\"topic\"}");
+    // Polled from the start: a member that has joined no label yet has no series.
+    let joined = |t: &str| counter(t, "fraudstream_labels_total{source=\"topic\"}");
     let (ta, tb) = common::wait_until(Duration::from_secs(90), "every label joined", || {
         let (ta, tb) = (get(&addr_a, "/metrics").1, get(&addr_b, "/metrics").1);
         (joined(&ta) + joined(&tb) == n as f64).then_some((ta, tb))

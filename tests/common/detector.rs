@@ -54,6 +54,14 @@ pub fn get(addr: &str, path: &str) -> (String, String) {
     )
 }
 
+/// A counter's value in Prometheus text, 0 while it has no series yet (a labelled counter
+/// appears at its first increment): for polls that run before anything was counted.
+pub fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// The value of a metric line (name with labels exactly as written) in Prometheus text.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
