@@ -54,22 +54,22 @@ pub fn get(addr: &str, path: &str) -> (String, String) {
     )
 }
 
+/// The value of a metric line (name with labels exactly as written) in Prometheus text, if any.
+fn value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+}
+
 /// A counter's value in Prometheus text, 0 while it has no series yet (a labelled counter
 /// appears at its first increment): for polls that run before anything was counted.
 pub fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
+    value(text, name).unwrap_or(0.0)
 }
 
 /// The value of a metric line (name with labels exactly as written) in Prometheus text.
 pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{name} not in:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    value(text, name).unwrap_or_else(|| panic!("{name} not in:\n{text}"))
 }
 
 pub fn create_topics(topics: &[&str], partitions: i32) {
