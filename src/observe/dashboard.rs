@@ -228,7 +228,7 @@ fn children(c: &impl prometheus::core::Collector) -> Vec<prometheus::proto::Metr
 fn sum(c: &impl prometheus::core::Collector) -> f64 {
     children(c)
         .iter()
-        .map(|x| x.get_counter().value() + x.get_gauge().value())
+        .map(|x| x.get_counter().get_value() + x.get_gauge().get_value())
         .sum()
 }
 

@@ -68,7 +68,7 @@ impl Run {
                 .iter()
                 .find(|l| l.name() == "outcome")
                 .map(|l| l.value().to_string());
-            let n = child.get_counter().value() as u64;
+            let n = child.get_counter().get_value() as u64;
             match outcome.as_deref() {
                 Some("true_positive") => quality.tp += n,
                 Some("false_positive") => quality.fp += n,
