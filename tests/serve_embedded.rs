@@ -323,7 +323,7 @@ fn reduced_precision_serving_close_to_f32_evaluation(precision: &str) {
     assert!(differ > 0, "no score changed: {precision} did not run");
 }
 
-/// Whether this CPU runs `precision` (bf16 needs AVX512_BF16, int8 AVX512_VNNI).
+/// Whether this CPU runs `precision` (bf16 needs AVX512_BF16, int8 AVX-512 BW).
 fn precision_available(precision: &str) -> bool {
     match precision {
         "bf16" => fraudstream::model::bf16::available(),
@@ -332,13 +332,13 @@ fn precision_available(precision: &str) -> bool {
     }
 }
 
-/// On a CPU without the instructions (a Skylake Xeon has neither), serving and evaluation
+/// On a CPU without the instructions (a Skylake Xeon has no AVX512_BF16), serving and evaluation
 /// refuse the precision with an error that names the missing feature, and score nothing.
 fn refused_without_the_cpu_feature(input: &Path, precision: &str) {
     let feature = if precision == "bf16" {
         "AVX512_BF16"
     } else {
-        "AVX512_VNNI"
+        "AVX-512 BW"
     };
     for args in [
         vec!["serve", "--input", "-", "--precision", precision],
@@ -374,7 +374,7 @@ fn bf16_serving_scores_close_to_f32_evaluation() {
     reduced_precision_serving_close_to_f32_evaluation("bf16");
 }
 
-/// Scores on a machine with AVX512_VNNI; elsewhere the refusal.
+/// Scores on a machine with AVX-512 BW; elsewhere the refusal.
 #[test]
 fn int8_serving_scores_close_to_f32_evaluation() {
     reduced_precision_serving_close_to_f32_evaluation("int8");

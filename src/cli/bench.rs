@@ -232,6 +232,13 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
     let flops = cfg.flops_per_window();
     let isa = crate::model::kernel::isa().name();
     let precision = format!("{:?}", crate::model::precision()).to_lowercase();
+    // int8 runs on VNNI's `vpdpbusd` where present, else on AVX-512 BW's byte products.
+    let int8 = crate::model::precision() == crate::model::Precision::Int8;
+    let int8_instructions = int8.then(crate::model::int8::instructions);
+    let shown = match int8_instructions {
+        Some(with) => format!("{precision} ({with})"),
+        None => precision.clone(),
+    };
     let mut inference = serde_json::Map::new();
     let mut gflops = serde_json::Map::new();
     for batch in [1usize, 32, 256] {
@@ -240,7 +247,7 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         if !args.json {
             println!(
                 "inference batch {batch:>3}: {rate:>8.0} windows/s, {achieved:>6.1} GFLOP/s \
-                 (30 features, window 30, {:.1} MFLOP a window, {isa} kernels, {precision} \
+                 (30 features, window 30, {:.1} MFLOP a window, {isa} kernels, {shown} \
                  products)",
                 flops as f64 / 1e6
             );
@@ -303,6 +310,8 @@ fn inference(args: &BenchArgs) -> anyhow::Result<Vec<(&'static str, serde_json::
         ("inference_flop_per_window", json!(flops)),
         ("inference_isa", json!(isa)),
         ("inference_precision", json!(precision)),
+        // null unless int8: "avx512vnni" or "avx512bw".
+        ("inference_int8_instructions", json!(int8_instructions)),
     ])
 }
 

@@ -35,7 +35,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Scoring arithmetic: f32, bf16 matrix products (CPUs with AVX512_BF16) or int8 products
-    /// of hidden states (CPUs with AVX512_VNNI); both faster, scores differ slightly: see the
+    /// of hidden states (CPUs with AVX-512 BW); both faster, scores differ slightly: see the
     /// README's measurements.
     #[arg(long, value_enum, default_value_t = crate::model::Precision::F32)]
     pub precision: crate::model::Precision,

@@ -54,10 +54,11 @@ pub enum ForwardPath {
     /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
     Bf16,
     /// The products of hidden states (recurrent, attention projections, LSTM 2's input) in
-    /// 8-bit integers (AVX512_VNNI, [`super::int8`]); the raw features' projection and the
-    /// dense head in bf16 where the CPU has AVX512_BF16 (a row of raw features quantized to
-    /// 1/127 of its largest feature lost twice the alert decisions), f32 elsewhere;
-    /// activations and attention as [`ForwardPath::Kernel`] with AVX-512.
+    /// 8-bit integers (AVX-512 BW, with VNNI where present: [`super::int8`]); the raw
+    /// features' projection and the dense head in bf16 where the CPU has AVX512_BF16 (a row
+    /// of raw features quantized to 1/127 of its largest feature lost twice the alert
+    /// decisions), f32 elsewhere; activations and attention as [`ForwardPath::Kernel`] with
+    /// AVX-512.
     Int8,
 }
 
@@ -71,7 +72,7 @@ pub enum Precision {
     /// README for its speed and what it changes).
     Bf16,
     /// 8-bit integer products of hidden states (weights per column, activations per row),
-    /// where the CPU has AVX512_VNNI (see the README for its speed and what it changes).
+    /// where the CPU has AVX-512 BW (see the README for its speed and what it changes).
     Int8,
 }
 
@@ -98,7 +99,7 @@ impl Precision {
             }
             Precision::Int8 if super::int8::available() => Ok(ForwardPath::Int8),
             Precision::Int8 => {
-                Err("--precision int8 needs a CPU with AVX512_VNNI (this one has none)".into())
+                Err("--precision int8 needs a CPU with AVX-512 BW (this one has none)".into())
             }
         }
     }

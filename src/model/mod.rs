@@ -268,12 +268,12 @@ mod tests {
         reduced_precision_difference(ForwardPath::Bf16, 2e-2);
     }
 
-    /// The int8 path (where the CPU has AVX512_VNNI): steps of 1/127 of each row's and
-    /// column's largest value; the bound is 2e-2.
+    /// The int8 path (where the CPU has AVX-512 BW): steps of 1/127 of each row's and 1/127
+    /// (VNNI) or 1/63 of each column's largest value; the bound is 2e-2.
     #[test]
     fn the_int8_path_scores_close_to_f32() {
         if !int8::available() {
-            eprintln!("AVX512_VNNI not on this CPU: the int8 path cannot run here");
+            eprintln!("no AVX-512 BW on this CPU: the int8 path cannot run here");
             return;
         }
         let worst = reduced_precision_difference(ForwardPath::Int8, 2e-2);
